@@ -1,0 +1,149 @@
+"""Pre-flight check: see exactly what a recipe will train on before paying for GPUs.
+
+    python -m finetune.check recipes/tiny/sft.yaml [key.sub=value ...]
+
+Validates the recipe, loads and validates the data with the same code the trainers use, prints row
+counts and token-length statistics (and how many samples exceed `data.max_length`), and shows the first
+sample with the trained (labelled) tokens marked. Exits 2 with a message naming the key or the data
+rows when something is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from finetune.chat_format import IGNORE_INDEX, ChatEncoder, find_sentencepiece
+from finetune.config import Recipe, RecipeError, load_recipe
+from finetune.data import Prepared, bad_rows_message, prepare, sample_lengths
+
+MARK_OPEN, MARK_CLOSE = "⟦", "⟧"
+
+
+def encoder_for(recipe: Recipe) -> ChatEncoder:
+    """The SentencePiece encoder for a recipe, checked against the model's vocabulary when known."""
+    encoder = ChatEncoder(find_sentencepiece(recipe.model, recipe.tokenizer))
+    config_file = Path(recipe.model) / "config.json"
+    if config_file.is_file():
+        vocab = json.loads(config_file.read_text()).get("vocab_size")
+        if vocab is not None and vocab < encoder.vocab_size:
+            raise RecipeError(
+                f"{recipe.source}: tokenizer {encoder.path} has {encoder.vocab_size} pieces but model "
+                f"{recipe.model} has vocab_size {vocab}; set 'tokenizer' to the model's tokenizer.model"
+            )
+    elif not Path(recipe.model).exists() and recipe.model.count("/") != 1:
+        raise RecipeError(
+            f"{recipe.source}: model {recipe.model!r} is neither a local folder nor a Hub id (org/name). "
+            f"For the tiny recipes create it first: python -m finetune.tiny {recipe.model}"
+        )
+    return encoder
+
+
+def render_sample(encoder: ChatEncoder, input_ids: list[int], labels: list[int]) -> str:
+    """The tokens as text, with labelled runs wrapped in ⟦ ⟧."""
+    out, inside = [], False
+    for token, label in zip(input_ids, labels):
+        trained = label != IGNORE_INDEX
+        if trained != inside:
+            out.append(MARK_OPEN if trained else MARK_CLOSE)
+            inside = trained
+        out.append(_token_text(encoder, token))
+    if inside:
+        out.append(MARK_CLOSE)
+    return "".join(out)
+
+
+def _token_text(encoder: ChatEncoder, token: int) -> str:
+    piece = encoder.piece(token)
+    if piece.startswith("<0x") and piece.endswith(">"):
+        value = int(piece[3:-1], 16)
+        return chr(value) if value < 0x80 else piece
+    return piece.replace("▁", " ")
+
+
+def length_stats(lengths: list[int]) -> str:
+    if not lengths:
+        return "no samples"
+    ordered = sorted(lengths)
+    p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+    return (
+        f"min {ordered[0]}, mean {statistics.fmean(ordered):.1f}, median {statistics.median(ordered):g}, "
+        f"p95 {p95}, max {ordered[-1]} tokens"
+    )
+
+
+def report(recipe: Recipe, encoder: ChatEncoder, prepared: Prepared) -> str:
+    data = recipe.data
+    lines = [
+        f"recipe     {recipe.source} ({recipe.kind})",
+        f"model      {recipe.model}",
+        f"tokenizer  {encoder.path} ({encoder.vocab_size} pieces, bos {encoder.bos_id}, eos {encoder.eos_id}, "
+        f"pad {encoder.pad_id})",
+        f"rows       {prepared.rows_read} read, {len(prepared.train)} train samples, {len(prepared.eval)} eval samples",
+    ]
+    too_long = prepared.skipped_by_reason().get("too long", 0)
+    lines.append(f"max_length {data.max_length} tokens: {too_long} sample(s) exceed it")
+    if prepared.bad_rows:
+        lines.append(f"skipped    {len(prepared.bad_rows)} bad row(s) (data.on_bad_rows=skip)")
+        lines += ["  " + line for line in bad_rows_message(prepared.bad_rows).splitlines()[:-1]]
+    train_lengths = sample_lengths(prepared.train)
+    lines.append(f"lengths    train: {length_stats(train_lengths)}")
+    if prepared.eval:
+        lines.append(f"           eval:  {length_stats(sample_lengths(prepared.eval))}")
+    if recipe.kind == "sft":
+        trained = sum(sum(1 for t in s["labels"] if t != IGNORE_INDEX) for s in prepared.train)
+        lines.append(
+            f"tokens     {sum(train_lengths)} per epoch, {trained} of them trained "
+            f"({100 * trained / max(1, sum(train_lengths)):.1f}% assistant tokens)"
+        )
+        if data.packing:
+            rows = _packed_rows(train_lengths, data.max_length)
+            lines.append(f"packing    {len(train_lengths)} samples -> {rows} rows of <= {data.max_length} tokens")
+        first = prepared.train[0]
+        lines += ["", "first training sample (trained tokens inside ⟦ ⟧):", render_sample(encoder, **first)]
+    else:
+        first = prepared.train[0]
+        prompt = first["prompt_input_ids"]
+        lines += [
+            "",
+            "first preference pair (reply tokens inside ⟦ ⟧):",
+            "prompt:   " + render_sample(encoder, prompt, [IGNORE_INDEX] * len(prompt)),
+            "chosen:   " + render_sample(encoder, first["chosen_input_ids"], first["chosen_input_ids"]),
+            "rejected: " + render_sample(encoder, first["rejected_input_ids"], first["rejected_input_ids"]),
+        ]
+    return "\n".join(lines)
+
+
+def _packed_rows(lengths: list[int], max_length: int) -> int:
+    """Rows after best-fit-decreasing packing (what TRL's `bfd` strategy does)."""
+    free: list[int] = []  # remaining room of each row, kept sorted
+    for n in sorted(lengths, reverse=True):
+        i = bisect.bisect_left(free, n)
+        if i < len(free):
+            room = free.pop(i) - n
+        else:
+            room = max_length - n
+        bisect.insort(free, room)
+    return len(free)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune.check", description=__doc__.split("\n")[0])
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.max_length=512")
+    args = parser.parse_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)
+    encoder = encoder_for(recipe)
+    prepared = prepare(recipe.data, recipe.kind, encoder, progress=sys.stderr.isatty())
+    print(report(recipe, encoder, prepared))
+    return 0
+
+
+if __name__ == "__main__":
+    from finetune.cli import run_guarded
+
+    sys.exit(run_guarded(main))

@@ -1,0 +1,39 @@
+"""The `finetune` command: `finetune <pass> ...` runs `python -m finetune.<pass> ...`.
+
+    finetune check recipes/tiny/sft.yaml
+    finetune tiny runs/tiny/base
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+PASSES = {
+    "check": "validate a recipe and its data, show what the model will learn",
+    "tiny": "write a tiny random Mixtral checkpoint",
+}
+
+
+def run_guarded(main_fn, argv=None) -> int:
+    """Run an entry point; recipe and data errors print one clear message and exit 2."""
+    from finetune.config import RecipeError
+    from finetune.data import DataError
+
+    try:
+        return main_fn(argv) or 0
+    except (RecipeError, DataError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in PASSES:
+        width = max(map(len, PASSES))
+        print("usage: finetune <pass> [args]\n\npasses:")
+        for name, what in PASSES.items():
+            print(f"  {name:<{width}}  {what}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(f"finetune.{argv[0]}")
+    return run_guarded(module.main, argv[1:])

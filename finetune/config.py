@@ -1,0 +1,389 @@
+"""Typed recipes: a YAML file plus dotted command-line overrides become dataclasses.
+
+    python -m finetune.sft recipes/tiny/sft.yaml model=path/to/dir train.max_steps=3
+
+Every field below is documented once, here. The `lora` and `train` sections also accept the fields of
+PEFT's `LoraConfig` and TRL's `SFTConfig` / `DPOConfig` by their own names; they are checked against
+those classes (name and type) instead of being declared again. Unknown keys, wrong types and
+impossible combinations raise `RecipeError` naming the recipe file and the key, before any model loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the file and the key."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass
+class DataSource:
+    """One dataset file or Hub dataset."""
+
+    path: str
+    """Local .jsonl / .json / .parquet file (relative to the working directory) or a Hub dataset name."""
+    split: str = "train"
+    """Split to read from a Hub dataset (ignored for local files)."""
+    subset: str | None = None
+    """Hub dataset configuration name, if it has several."""
+    weight: float = 1.0
+    """Share of this source in the mix: rows used = round(weight * rows). 0.5 takes a seeded half,
+    2.0 repeats every row twice."""
+
+
+@dataclass
+class DataConfig:
+    """Where the conversations or preference pairs come from and how they become samples."""
+
+    train: list[DataSource]
+    """Training sources, mixed by their weights."""
+    eval: list[DataSource] = field(default_factory=list)
+    """Held-out sources. When empty, `eval_fraction` of the training mix is split off instead."""
+    eval_fraction: float = 0.05
+    """Fraction of the training mix held out for evaluation when `eval` is empty (0 = no eval)."""
+    max_length: int = 2048
+    """Longest sample in tokens. Longer samples are bad rows: never silently truncated."""
+    on_bad_rows: Literal["error", "skip"] = "error"
+    """`error`: stop and list the bad rows. `skip`: drop them and report how many and why."""
+    packing: bool = False
+    """Pack several samples into one row of `max_length` tokens (SFT only)."""
+    seed: int = 0
+    """Seed for mixing, sub-sampling and the eval split."""
+
+
+@dataclass
+class LoraSection:
+    """Which parameter groups train, and how. Any other key here is a `peft.LoraConfig` field
+    (`r`, `lora_alpha`, `lora_dropout`, `use_rslora`, ...)."""
+
+    method: Literal["lora", "full"] = "lora"
+    """`lora`: adapters on the chosen groups, base frozen. `full`: every chosen group's weights train
+    (small models only)."""
+    targets: list[Literal["attention", "experts", "router"]] = field(
+        default_factory=lambda: ["attention", "experts", "router"]
+    )
+    """Groups that train: attention q/k/v/o projections, the fused expert weights
+    (gate_up_proj, down_proj), the router (mlp.gate, trained in full: it is small)."""
+    peft: dict[str, Any] = field(default_factory=dict)
+    """The `LoraConfig` fields given in this section (filled by the parser)."""
+
+
+@dataclass
+class MoEConfig:
+    """Auxiliary router losses."""
+
+    aux_loss_coef: float = 0.02
+    """Weight of the Switch-Transformer load-balancing loss (Mixtral's default 0.02; 0 turns it off)."""
+    z_loss_coef: float = 0.0
+    """Weight of the ST-MoE router z-loss, mean of logsumexp(router logits)^2 (0 = off)."""
+
+
+@dataclass
+class DPOSection:
+    """Where DPO starts."""
+
+    sft_adapter: str | None = None
+    """Folder of the SFT LoRA adapter the policy and the reference start from (None: start from
+    `model` itself, e.g. an already merged SFT model)."""
+
+
+@dataclass
+class Recipe:
+    """A whole recipe; `kind` says which pass it is for."""
+
+    model: str
+    """Base model: Hub id (`mistralai/Mixtral-8x7B-v0.1`) or local folder."""
+    output_dir: str
+    """Where the adapter, tokenizer, resolved recipe and logs are written."""
+    data: DataConfig
+    kind: Literal["sft", "dpo"] = "sft"
+    """Which pass the recipe is for; `python -m finetune.sft` refuses a `dpo` recipe and vice versa."""
+    tokenizer: str | None = None
+    """Folder or file holding `tokenizer.model` (SentencePiece). None: the model folder's, else the
+    Mixtral v1 tokenizer bundled with `mistral-common`."""
+    lora: LoraSection = field(default_factory=LoraSection)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    dpo: DPOSection = field(default_factory=DPOSection)
+    """DPO only: start point."""
+    train: dict[str, Any] = field(default_factory=dict)
+    """TRL `SFTConfig` / `DPOConfig` fields (learning_rate, max_steps, ...), checked by name and type."""
+    source: str = ""
+    """The recipe file this came from (for messages; set by the parser)."""
+
+
+# Keys of the foreign config classes that the recipe owns elsewhere, with the key to use instead.
+OWNED_TRAIN_KEYS = {
+    "output_dir": "output_dir",
+    "max_length": "data.max_length",
+    "packing": "data.packing",
+    "router_aux_loss_coef": "moe.aux_loss_coef",
+    "assistant_only_loss": "nothing: SFT always trains on the assistant replies only",
+    "completion_only_loss": "nothing: SFT always trains on the assistant replies only",
+    "dataset_text_field": "nothing: samples are built by finetune.data",
+    "truncation_mode": "data.max_length (longer samples are bad rows, never truncated)",
+    "chat_template_path": "nothing: the Mixtral-Instruct template is built in",
+    "pad_token": "nothing: pad is <unk>, never EOS",
+    "eos_token": "nothing: EOS comes from the tokenizer",
+}
+OWNED_LORA_KEYS = {
+    "target_modules": "lora.targets",
+    "target_parameters": "lora.targets",
+    "modules_to_save": "lora.targets",
+    "task_type": "nothing: it is always CAUSAL_LM",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), expect_kind: str | None = None) -> Recipe:
+    """Read a YAML recipe, apply `a.b=value` overrides, build and validate the Recipe."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item, path)
+    if "source" in raw:
+        raise RecipeError(f"{path}: unknown key 'source'")
+    raw["source"] = str(path)
+    recipe = _build(Recipe, raw, str(path), "")
+    if expect_kind is not None and recipe.kind != expect_kind:
+        raise RecipeError(
+            f"{path}: this is a {recipe.kind!r} recipe (key 'kind'); run it with python -m finetune.{recipe.kind}"
+        )
+    validate(recipe)
+    return recipe
+
+
+def apply_override(raw: dict, item: str, path: Path) -> None:
+    """`train.max_steps=5` sets raw["train"]["max_steps"] = 5 (the value is parsed as YAML)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"{path}: override {item!r} must look like key.sub=value")
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"{path}: override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+
+
+def _build(cls, data: Any, source: str, prefix: str):
+    """Make dataclass `cls` from a mapping, checking every key and type."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: {prefix.rstrip('.') or 'recipe'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs, extra = {}, {}
+    for key, value in data.items():
+        if key not in names or key == "peft":
+            extra[key] = value
+            continue
+        kwargs[key] = _convert(hints[key], value, source, prefix + key)
+    if cls is LoraSection:
+        kwargs["peft"] = _check_foreign(extra, _lora_config_class(), OWNED_LORA_KEYS, source, "lora.")
+    elif extra:
+        key = next(iter(extra))
+        raise RecipeError(f"{source}: unknown key {prefix + key!r} (known: {', '.join(sorted(names))})")
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise RecipeError(f"{source}: missing required key {prefix + missing[0]!r}")
+    return cls(**kwargs)
+
+
+def _convert(annotation, value, source: str, key: str):
+    """Our own sections are dataclasses; everything else is type-checked as is."""
+    origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, source, key + ".")
+    if origin is list and dataclasses.is_dataclass(typing.get_args(annotation)[0]):
+        if not isinstance(value, list):
+            raise RecipeError(f"{source}: {key} must be a list, got {value!r}")
+        return [_convert(typing.get_args(annotation)[0], v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+    if key == "train":
+        return value  # checked against the trainer config class in validate()
+    if not type_matches(value, annotation):
+        raise RecipeError(f"{source}: {key} must be {_describe(annotation)}, got {value!r}")
+    return value
+
+
+def _check_foreign(values: dict, config_cls, owned: dict, source: str, prefix: str) -> dict:
+    """Check keys destined for a library config class (LoraConfig, SFTConfig) by name and type."""
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    hints = _safe_type_hints(config_cls)
+    for key, value in values.items():
+        if key in owned:
+            raise RecipeError(f"{source}: {prefix}{key} is set by the recipe itself; use {owned[key]}")
+        if key not in fields or not fields[key].init:
+            raise RecipeError(
+                f"{source}: unknown key {prefix}{key!r} (not a recipe field and not a "
+                f"{config_cls.__name__} field)"
+            )
+        annotation = hints.get(key, Any)
+        if not type_matches(value, annotation):
+            raise RecipeError(f"{source}: {prefix}{key} must be {_describe(annotation)}, got {value!r}")
+    return dict(values)
+
+
+def _safe_type_hints(cls) -> dict:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # some library annotations name types that are not importable; skip those
+        return {}
+
+
+def type_matches(value, annotation) -> bool:
+    """A small structural check of YAML values against a type annotation."""
+    if annotation is Any or isinstance(annotation, (str, typing.TypeVar)):
+        return True
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(type_matches(value, a) for a in args)
+    if origin is Literal:
+        return value in args
+    if annotation is type(None) or annotation is None:
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return value in [m.value for m in annotation] or value in annotation.__members__
+    if origin in (list, tuple, typing.Sequence) or annotation in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        return not args or all(type_matches(v, args[0]) for v in value)
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            return False
+        return not args or all(type_matches(v, args[1]) for v in value.values())
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+def _describe(annotation) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _lora_config_class():
+    from peft import LoraConfig
+
+    return LoraConfig
+
+
+def trainer_config_class(kind: str):
+    if kind == "dpo":
+        from trl import DPOConfig
+
+        return DPOConfig
+    from trl import SFTConfig
+
+    return SFTConfig
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation of combinations
+
+
+def validate(recipe: Recipe) -> None:
+    src = recipe.source
+    _check_foreign(recipe.train, trainer_config_class(recipe.kind), OWNED_TRAIN_KEYS, src, "train.")
+    data = recipe.data
+    if not data.train:
+        raise RecipeError(f"{src}: data.train must name at least one source")
+    for group in ("train", "eval"):
+        for i, s in enumerate(getattr(data, group)):
+            if s.weight <= 0:
+                raise RecipeError(f"{src}: data.{group}[{i}].weight must be > 0, got {s.weight}")
+    if not 0 <= data.eval_fraction < 1:
+        raise RecipeError(f"{src}: data.eval_fraction must be in [0, 1), got {data.eval_fraction}")
+    if data.max_length < 8:
+        raise RecipeError(f"{src}: data.max_length must be at least 8 tokens, got {data.max_length}")
+    if data.packing and recipe.kind == "dpo":
+        raise RecipeError(f"{src}: data.packing is for SFT only; DPO keeps each pair whole")
+    lora = recipe.lora
+    if not lora.targets:
+        raise RecipeError(f"{src}: lora.targets is empty: nothing would train")
+    if len(set(lora.targets)) != len(lora.targets):
+        raise RecipeError(f"{src}: lora.targets lists a group twice: {lora.targets}")
+    if lora.method == "full" and lora.peft:
+        key = next(iter(lora.peft))
+        raise RecipeError(f"{src}: lora.{key} has no meaning with lora.method: full")
+    if lora.method == "lora":
+        for key in ("r", "lora_alpha"):
+            if key in lora.peft and lora.peft[key] <= 0:
+                raise RecipeError(f"{src}: lora.{key} must be > 0, got {lora.peft[key]}")
+        dropout = lora.peft.get("lora_dropout", 0.0)
+        if "experts" in lora.targets and dropout:
+            raise RecipeError(
+                f"{src}: lora.lora_dropout={dropout} is impossible with 'experts' in lora.targets: "
+                "PEFT's LoRA on fused expert parameters (target_parameters) has no dropout. "
+                "Set lora.lora_dropout: 0 or drop 'experts' from lora.targets."
+            )
+        for key in ("use_dora", "lora_bias"):
+            if "experts" in lora.targets and lora.peft.get(key):
+                raise RecipeError(f"{src}: lora.{key} is not supported on fused expert parameters")
+    for key in ("aux_loss_coef", "z_loss_coef"):
+        if getattr(recipe.moe, key) < 0:
+            raise RecipeError(f"{src}: moe.{key} must be >= 0, got {getattr(recipe.moe, key)}")
+    if recipe.kind == "sft" and recipe.dpo.sft_adapter is not None:
+        raise RecipeError(f"{src}: dpo.sft_adapter belongs in a DPO recipe")
+    if recipe.kind == "dpo" and recipe.lora.method == "full":
+        raise RecipeError(f"{src}: lora.method: full is not supported for DPO (the reference would be a copy)")
+
+
+def to_dict(recipe: Recipe) -> dict:
+    """The resolved recipe as plain data (what gets written next to the adapter)."""
+    out = dataclasses.asdict(recipe)
+    peft_keys = out["lora"].pop("peft")
+    out["lora"].update(peft_keys)
+    out.pop("source")
+    if recipe.kind == "sft":
+        out.pop("dpo")
+    return out
+
+
+def dump_yaml(recipe: Recipe, path: str | Path) -> None:
+    header = f"# Resolved {recipe.kind.upper()} recipe (from {recipe.source}, overrides applied).\n"
+    Path(path).write_text(header + yaml.safe_dump(to_dict(recipe), sort_keys=False))
