@@ -29,9 +29,8 @@ from pathlib import Path
 IGNORE_INDEX = -100
 SP_FILENAME = "tokenizer.model"
 
-# Mixtral-Instruct v1 chat template for transformers. Mirrors ChatEncoder: SentencePiece encodes
-# every segment with a dummy-prefix space; the tokenizer adds it only at the very start of the input,
-# so the template writes the space itself after <s> and </s>.
+# Mixtral-Instruct v1 chat template for transformers. Mirrors ChatEncoder: the tokenizer gives every
+# segment between special tokens SentencePiece's dummy-prefix space, as mistral_common does.
 CHAT_TEMPLATE = (
     "{%- if messages and messages[0]['role'] == 'system' %}"
     "{%- set system_message = messages[0]['content'] %}{%- set loop_messages = messages[1:] %}"
@@ -43,8 +42,8 @@ CHAT_TEMPLATE = (
     "{%- endif %}"
     "{%- if message['role'] == 'user' %}"
     "{%- if loop.first and system_message is not none %}"
-    "{{- ' [INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}"
-    "{%- else %}{{- ' [INST] ' + message['content'] + ' [/INST]' }}{%- endif %}"
+    "{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}"
+    "{%- else %}{{- '[INST] ' + message['content'] + ' [/INST]' }}{%- endif %}"
     "{%- else %}"
     "{% generation %}{{- ' ' + message['content'] + eos_token }}{% endgeneration %}"
     "{%- endif %}"
@@ -204,8 +203,9 @@ def save_tokenizer(sentencepiece_path: str | os.PathLike, out_dir: str | os.Path
     tokenizer.save_pretrained(out_dir)
     config_path = out_dir / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
-    # LlamaTokenizerFast loads tokenizer.json as written in transformers 4.x and 5.x alike.
-    config["tokenizer_class"] = "LlamaTokenizerFast"
+    # The generic class loads tokenizer.json exactly as written, in transformers 4.x and 5.x alike;
+    # transformers 5's LlamaTokenizer would rebuild its own (not SentencePiece-exact) pre-tokenizer.
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     target = out_dir / SP_FILENAME
     if Path(sentencepiece_path).resolve() != target.resolve():

@@ -244,7 +244,7 @@ def _check_foreign(values: dict, config_cls, owned: dict, source: str, prefix: s
             raise RecipeError(f"{source}: {prefix}{key} is set by the recipe itself; use {owned[key]}")
         if key not in fields or not fields[key].init:
             raise RecipeError(
-                f"{source}: unknown key {prefix}{key!r} (not a recipe field and not a "
+                f"{source}: unknown key {prefix + key!r} (not a recipe field and not a "
                 f"{config_cls.__name__} field)"
             )
         annotation = hints.get(key, Any)

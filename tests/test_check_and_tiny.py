@@ -1,0 +1,89 @@
+"""The tiny checkpoint looks like a real Mixtral repository; the pre-flight check shows what trains."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from finetune.tiny import checkpoint_keys, make_tiny_mixtral
+
+
+def test_tiny_checkpoint_layout_and_loading(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    keys = checkpoint_keys(tiny_model_dir)
+    assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in keys
+    assert "model.layers.0.block_sparse_moe.gate.weight" in keys
+    assert not any("gate_up_proj" in k for k in keys)
+    assert len(list(tiny_model_dir.glob("model-*.safetensors"))) >= 2
+    index = json.loads((tiny_model_dir / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(keys)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert model.config.num_local_experts == 4 and model.config.num_experts_per_tok == 2
+    assert tuple(model.model.layers[0].mlp.experts.gate_up_proj.shape) == (4, 2 * 128, 64)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert "{% generation %}" in tokenizer.chat_template
+    assert (tiny_model_dir / "tokenizer.model").is_file()
+
+
+def test_tiny_checkpoint_is_seeded(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    def tensors(folder):
+        out = {}
+        for shard in sorted(folder.glob("model-*.safetensors")):
+            out.update(load_file(shard))
+        return out
+
+    again = tensors(make_tiny_mixtral(tmp_path / "same", seed=0))
+    other = tensors(make_tiny_mixtral(tmp_path / "other", seed=1))
+    first = tensors(tiny_model_dir)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["model.layers.0.block_sparse_moe.gate.weight"], other["model.layers.0.block_sparse_moe.gate.weight"])
+
+
+def run_check(repo_root, *args):
+    return subprocess.run(
+        [sys.executable, "-m", "finetune.check", *map(str, args)], capture_output=True, text=True, cwd=repo_root
+    )
+
+
+def test_check_shows_counts_lengths_and_marked_sample(repo_root, tiny_model_dir):
+    proc = run_check(repo_root, "recipes/tiny/sft.yaml", f"model={tiny_model_dir}", "data.packing=true")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "2200 read, 2000 train samples, 200 eval samples" in out
+    assert "max_length 256 tokens: 0 sample(s) exceed it" in out
+    assert "packing    2000 samples -> " in out
+    sample = out.split("trained tokens inside ⟦ ⟧):\n")[1]
+    assert sample.startswith("<s> [INST] ") and "[/INST]⟦ " in sample and "</s>⟧" in sample
+    # Nothing of the prompt is inside the marks.
+    for marked in sample.split("⟦")[1:]:
+        assert "[INST]" not in marked.split("⟧")[0]
+
+
+def test_check_counts_over_length_samples(repo_root, tiny_model_dir):
+    proc = run_check(repo_root, "recipes/tiny/sft.yaml", f"model={tiny_model_dir}", "data.max_length=40")
+    assert proc.returncode == 2
+    assert "too long" in proc.stderr and "data.max_length=40" in proc.stderr
+    proc = run_check(
+        repo_root, "recipes/tiny/sft.yaml", f"model={tiny_model_dir}", "data.max_length=40", "data.on_bad_rows=skip"
+    )
+    assert proc.returncode == 0, proc.stderr
+    too_long = int(proc.stdout.split("max_length 40 tokens: ")[1].split(" ")[0])
+    assert too_long > 0
+    assert f"skipped    {too_long} bad row(s)" in proc.stdout
+
+
+def test_check_dpo_recipe(repo_root, tiny_model_dir):
+    proc = run_check(repo_root, "recipes/tiny/dpo.yaml", f"model={tiny_model_dir}")
+    assert proc.returncode == 0, proc.stderr
+    assert "first preference pair" in proc.stdout and "chosen:   ⟦ " in proc.stdout
+
+
+def test_check_missing_tiny_model_says_how_to_make_it(repo_root, tmp_path):
+    proc = run_check(repo_root, "recipes/tiny/sft.yaml", f"model={tmp_path}/absent/model")
+    assert proc.returncode == 2
+    assert "python -m finetune.tiny" in proc.stderr and "Traceback" not in proc.stderr
