@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,27 @@ import yaml
 
 class RecipeError(ValueError):
     """A recipe that cannot run; the message names the file and the key."""
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """YAML 1.2 scalars: only true/false are booleans (YAML 1.1 reads `eval_strategy: no` as False), and
+    `1e-3` is a float (YAML 1.1 wants `1.0e-3`)."""
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"), list("-+0123456789.")
+)
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=RecipeLoader)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,6 +142,12 @@ class Recipe:
     """DPO only: start point."""
     train: dict[str, Any] = field(default_factory=dict)
     """TRL `SFTConfig` / `DPOConfig` fields (learning_rate, max_steps, ...), checked by name and type."""
+    resume: str = "auto"
+    """`auto`: continue from the last checkpoint in output_dir if it belongs to the same recipe (refuse if
+    the recipe changed); `never`: start over; or a checkpoint folder to continue from."""
+    stop_after_steps: int | None = None
+    """Stop cleanly (with a checkpoint) after this many optimizer steps, as if interrupted; the schedule
+    still follows train.max_steps. For time-limited jobs: run again to continue."""
     source: str = ""
     """The recipe file this came from (for messages; set by the parser)."""
 
@@ -137,7 +165,10 @@ OWNED_TRAIN_KEYS = {
     "chat_template_path": "nothing: the Mixtral-Instruct template is built in",
     "pad_token": "nothing: pad is <unk>, never EOS",
     "eos_token": "nothing: EOS comes from the tokenizer",
+    "resume_from_checkpoint": "resume",
 }
+# Keys that may differ between an interrupted run and the run that continues it.
+RUN_CONTROL_KEYS = ("resume", "stop_after_steps")
 OWNED_LORA_KEYS = {
     "target_modules": "lora.targets",
     "target_parameters": "lora.targets",
@@ -156,7 +187,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), expect_kind: str | 
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
@@ -187,7 +218,7 @@ def apply_override(raw: dict, item: str, path: Path) -> None:
         if not isinstance(child, dict):
             raise RecipeError(f"{path}: override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+    node[parts[-1]] = parse_yaml(value) if value != "" else None
 
 
 def _build(cls, data: Any, source: str, prefix: str):
@@ -367,6 +398,8 @@ def validate(recipe: Recipe) -> None:
     for key in ("aux_loss_coef", "z_loss_coef"):
         if getattr(recipe.moe, key) < 0:
             raise RecipeError(f"{src}: moe.{key} must be >= 0, got {getattr(recipe.moe, key)}")
+    if recipe.stop_after_steps is not None and recipe.stop_after_steps < 1:
+        raise RecipeError(f"{src}: stop_after_steps must be >= 1, got {recipe.stop_after_steps}")
     if recipe.kind == "sft" and recipe.dpo.sft_adapter is not None:
         raise RecipeError(f"{src}: dpo.sft_adapter belongs in a DPO recipe")
     if recipe.kind == "dpo" and recipe.lora.method == "full":

@@ -1,10 +1,15 @@
 """Materialise a tiny random Mixtral checkpoint on disk, for the tiny recipes, the demo and the tests.
 
-    python -m finetune.tiny runs/tiny/base [--layers 2] [--experts 4] [--hidden 64] [--seed 0]
+    python -m finetune.tiny runs/tiny-mixtral [--pretrain-steps 300] [--layers 2] [--experts 4] [--seed 0]
 
 The folder looks like a real Mixtral repository: config, generation config, sharded safetensors in the
 original key layout (`model.layers.N.block_sparse_moe.experts.K.w1/w2/w3.weight`), an index file, and
 the real Mixtral v1 tokenizer (32000 pieces) with the Mixtral-Instruct chat template.
+
+A random model predicts a near-uniform distribution that LoRA can hardly move, so by default the base is
+first pretrained briefly (all weights, next-token loss) on plain-text renderings of the bundled training
+conversations: no [INST] markers and no EOS, so it learns the content but not the chat format. That is
+left to SFT, as with a real base model.
 """
 
 from __future__ import annotations
@@ -14,7 +19,11 @@ import json
 import sys
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from finetune.chat_format import bundled_sentencepiece_path, save_tokenizer
+
+DEFAULT_CORPUS = Path(__file__).resolve().parent.parent / "data" / "chat" / "train.jsonl"
 
 
 def tiny_config(
@@ -50,13 +59,51 @@ def tiny_config(
     )
 
 
+def pretraining_text(path: Path = DEFAULT_CORPUS) -> list[str]:
+    """Plain-text documents from chat rows: the turns' text, one per line, no chat markers."""
+    documents = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        messages = json.loads(line)["messages"]
+        documents.append("\n".join(m["content"] for m in messages if m["role"] != "system"))
+    return documents
+
+
+def pretrain(model, steps: int, seed: int, batch_size: int = 8, seq_len: int = 64, lr: float = 3e-3) -> float:
+    """Full-parameter next-token training on packed documents; returns the last loss."""
+    import torch
+
+    from finetune.chat_format import ChatEncoder, bundled_sentencepiece_path
+
+    encoder = ChatEncoder(bundled_sentencepiece_path())
+    stream = []
+    for doc in pretraining_text():
+        stream += [encoder.bos_id] + encoder.text_ids(doc)
+    tokens = torch.tensor(stream)
+    windows = tokens[: len(tokens) // seq_len * seq_len].view(-1, seq_len)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * (1 - s / steps))
+    model.train()
+    loss = None
+    for _ in tqdm(range(steps), desc="pretraining tiny base", unit=" steps"):
+        batch = windows[torch.randint(len(windows), (batch_size,), generator=generator)]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    return float(loss) if loss is not None else float("nan")
+
+
 def make_tiny_mixtral(
     out_dir: str | Path,
     seed: int = 0,
     max_shard_size: str = "2MB",
+    pretrain_steps: int = 0,
     **config_kwargs,
 ) -> Path:
-    """Write a seeded random Mixtral to out_dir and return the folder."""
+    """Write a seeded tiny Mixtral (optionally pretrained for `pretrain_steps`) to out_dir."""
     import torch
     from transformers import GenerationConfig, MixtralForCausalLM
 
@@ -68,6 +115,8 @@ def make_tiny_mixtral(
     with torch.no_grad():
         for layer in model.model.layers:
             layer.mlp.gate.weight.normal_(0.0, 0.5)
+    if pretrain_steps:
+        pretrain(model, pretrain_steps, seed)
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, max_new_tokens=64).save_pretrained(out_dir)
     save_tokenizer(bundled_sentencepiece_path(), out_dir)
@@ -103,19 +152,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--intermediate", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pretrain-steps", type=int, default=300, help="0 keeps the random initialisation")
     parser.add_argument("--max-shard-size", default="2MB", help="e.g. 2MB: small shards exercise sharded loading")
     args = parser.parse_args(argv)
     out = make_tiny_mixtral(
         args.out_dir,
         seed=args.seed,
         max_shard_size=args.max_shard_size,
+        pretrain_steps=args.pretrain_steps,
         layers=args.layers,
         experts=args.experts,
         hidden=args.hidden,
         intermediate=args.intermediate,
     )
     shards = sorted(p.name for p in out.glob("*.safetensors"))
-    print(f"tiny Mixtral written to {out} ({len(shards)} safetensors shards, seed {args.seed})")
+    what = f"pretrained {args.pretrain_steps} steps" if args.pretrain_steps else "random"
+    print(f"tiny Mixtral written to {out} ({what}, {len(shards)} safetensors shards, seed {args.seed})")
     return 0
 
 

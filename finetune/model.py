@@ -1,0 +1,140 @@
+"""Load the base model and make the recipe's parameter groups trainable (LoRA or full).
+
+Groups: `attention` (q/k/v/o projections), `experts` (fused `experts.gate_up_proj` / `experts.down_proj`,
+reached with PEFT's `target_parameters`: the old `w1/w2/w3` module targets no longer exist in
+transformers 5), `router` (`mlp.gate`, trained in full through `modules_to_save`: it is E x H per layer).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch import nn
+
+from finetune.config import Recipe, RecipeError
+from finetune.moe import moe_blocks, reachability
+
+ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+EXPERT_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
+ROUTER_MODULE = "gate"
+GROUPS = ("attention", "experts", "router", "other")
+
+
+def training_dtype(recipe: Recipe) -> torch.dtype:
+    return torch.bfloat16 if use_bf16(recipe) else torch.float32
+
+
+def use_bf16(recipe: Recipe) -> bool:
+    """The recipe's `train.bf16` if set, else bf16 exactly when the GPU supports it."""
+    if "bf16" in recipe.train:
+        return bool(recipe.train["bf16"])
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def load_base_model(recipe: Recipe, dtype: torch.dtype | None = None):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(recipe.model, dtype=dtype or training_dtype(recipe))
+    except OSError as err:
+        raise RecipeError(f"{recipe.source}: cannot load model {recipe.model!r}: {err}") from None
+    if not moe_blocks(model):
+        raise RecipeError(f"{recipe.source}: model {recipe.model!r} ({type(model).__name__}) has no sparse MoE blocks")
+    model.config.use_cache = False
+    return model
+
+
+def lora_config(recipe: Recipe):
+    from peft import LoraConfig
+
+    targets = recipe.lora.targets
+    options = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, **recipe.lora.peft}
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        target_modules=ATTENTION_MODULES if "attention" in targets else [],
+        target_parameters=EXPERT_PARAMETERS if "experts" in targets else None,
+        modules_to_save=[ROUTER_MODULE] if "router" in targets else None,
+        **options,
+    )
+
+
+def apply_method(model: nn.Module, recipe: Recipe) -> nn.Module:
+    """LoRA adapters on the chosen groups (base frozen), or full training of the chosen groups."""
+    if recipe.lora.method == "full":
+        for name, param in model.named_parameters():
+            param.requires_grad_(group_of(name) in recipe.lora.targets)
+        return model
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, lora_config(recipe))
+    check_adapters_applied(peft_model, recipe)
+    return peft_model
+
+
+def group_of(name: str) -> str:
+    if ".self_attn." in name:
+        return "attention"
+    if ".experts." in name:
+        return "experts"
+    if f".mlp.{ROUTER_MODULE}." in name:
+        return "router"
+    return "other"
+
+
+def trainable_counts(model: nn.Module) -> tuple[Counter, Counter]:
+    """(trainable, total) parameter counts per group."""
+    trainable, total = Counter(), Counter()
+    for name, param in model.named_parameters():
+        if ".original_module." in name:  # PEFT's frozen copy of a module it trains in full
+            continue
+        n = param.ds_numel if hasattr(param, "ds_numel") else param.numel()
+        group = group_of(name)
+        total[group] += n
+        if param.requires_grad:
+            trainable[group] += n
+    return trainable, total
+
+
+def check_adapters_applied(model: nn.Module, recipe: Recipe) -> None:
+    """Fail if a chosen group got no trainable parameter (e.g. targets that silently matched nothing)."""
+    trainable, _ = trainable_counts(model)
+    missing = [g for g in recipe.lora.targets if trainable[g] == 0]
+    if missing:
+        raise RecipeError(f"{recipe.source}: lora.targets {missing} matched no parameter of {recipe.model}")
+
+
+def trainable_table(model: nn.Module, recipe: Recipe) -> str:
+    trainable, total = trainable_counts(model)
+    lines = [f"{'group':<10} {'trainable':>14} {'of':>16}   {'%':>7}"]
+    for group in GROUPS:
+        if total[group]:
+            share = 100 * trainable[group] / total[group]
+            lines.append(f"{group:<10} {trainable[group]:>14,} {total[group]:>16,}   {share:>6.2f}%")
+    t, n = sum(trainable.values()), sum(total.values())
+    lines.append(f"{'total':<10} {t:>14,} {n:>16,}   {100 * t / n:>6.2f}%")
+    groups = {g: trainable[g] > 0 for g in GROUPS}
+    if recipe.moe.aux_loss_coef > 0 or recipe.moe.z_loss_coef > 0:
+        reach = reachability(model, groups)
+        lines.append(f"router losses reach: {reach or 'NOTHING trainable'}")
+    return "\n".join(lines)
+
+
+def router_loss_warning(model: nn.Module, recipe: Recipe) -> str | None:
+    """A loud warning when the router losses are on but cannot train the router."""
+    if recipe.moe.aux_loss_coef == 0 and recipe.moe.z_loss_coef == 0:
+        return None
+    trainable, _ = trainable_counts(model)
+    groups = {g: trainable[g] > 0 for g in GROUPS}
+    if groups["router"]:
+        return None
+    reach = reachability(model, groups)
+    if not reach:
+        return (
+            "WARNING: moe.aux_loss_coef / moe.z_loss_coef are on but NO trainable parameter can feel them: "
+            "the router is frozen and nothing upstream of it trains. Add 'router' to lora.targets or set them to 0."
+        )
+    return (
+        "WARNING: the router is frozen (no 'router' in lora.targets): the load-balancing loss can only move "
+        f"{reach}, which barely changes routing. Add 'router' to lora.targets to balance the experts."
+    )

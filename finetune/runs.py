@@ -1,0 +1,186 @@
+"""What SFT and DPO do the same way: trainer arguments, resume, throughput logs, router-loss
+bookkeeping and the output folder."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from finetune.chat_format import ChatEncoder, save_tokenizer
+from finetune.config import RUN_CONTROL_KEYS, Recipe, RecipeError, dump_yaml, parse_yaml, to_dict, trainer_config_class
+from finetune.model import use_bf16
+from finetune.moe import RouterTap, add_router_losses, router_losses
+
+RECIPE_FILE = "recipe.yaml"
+
+
+def trainer_args(recipe: Recipe):
+    """The TRL config for the recipe; TRL's own checks fail here with the recipe named."""
+    kwargs = {
+        "lr_scheduler_type": "cosine",
+        "logging_steps": 10,
+        "report_to": "none",
+        "gradient_checkpointing": True,
+        **recipe.train,
+        "output_dir": recipe.output_dir,
+        "max_length": recipe.data.max_length,
+        "bf16": use_bf16(recipe),
+        # Router losses are added by finetune.moe (once, padding excluded); TRL's own copy stays off.
+        "router_aux_loss_coef": 0.0,
+    }
+    kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+    has_eval = bool(recipe.data.eval) or recipe.data.eval_fraction > 0
+    if has_eval and str(kwargs.get("eval_strategy", "no")) != "no":
+        kwargs.setdefault("eval_on_start", True)  # the starting eval loss, to compare against
+    if recipe.kind == "sft":
+        kwargs["packing"] = recipe.data.packing
+    if not torch.cuda.is_available():
+        kwargs["use_cpu"] = True
+    try:
+        return trainer_config_class(recipe.kind)(**kwargs)
+    except (ValueError, TypeError) as err:
+        raise RecipeError(f"{recipe.source}: the train section is not valid: {err}") from None
+
+
+def check_eval_split(recipe: Recipe, args, eval_samples: int) -> None:
+    if str(args.eval_strategy) not in ("no", "IntervalStrategy.NO") and eval_samples == 0:
+        raise RecipeError(
+            f"{recipe.source}: train.eval_strategy={args.eval_strategy} but the data has no eval split; "
+            "set data.eval or data.eval_fraction, or train.eval_strategy=no"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume
+
+
+def resume_checkpoint(recipe: Recipe) -> str | None:
+    """The checkpoint to continue from, per `recipe.resume`; refuses one from a different recipe."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = Path(recipe.output_dir)
+    if recipe.resume == "never" or not out.is_dir():
+        return None
+    checkpoint = recipe.resume if recipe.resume != "auto" else get_last_checkpoint(str(out))
+    if checkpoint is None:
+        return None
+    if not Path(checkpoint).is_dir():
+        raise RecipeError(f"{recipe.source}: resume={recipe.resume!r}: no such checkpoint folder")
+    saved = out / RECIPE_FILE
+    if saved.is_file():
+        before = _comparable(parse_yaml(saved.read_text()))
+        now = _comparable(to_dict(recipe))
+        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        if changed:
+            raise RecipeError(
+                f"{recipe.source}: {out} holds checkpoints of a different run (changed: {', '.join(changed)}). "
+                "Use a new output_dir, or resume=never to start over there."
+            )
+    return str(checkpoint)
+
+
+def _comparable(recipe_dict: dict) -> dict:
+    flat = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            flat[prefix[:-1]] = value
+
+    walk("", {k: v for k, v in recipe_dict.items() if k not in RUN_CONTROL_KEYS})
+    return flat
+
+
+class StopAfterSteps(TrainerCallback):
+    """Stop (and save a checkpoint) after `steps` optimizer steps, leaving the schedule untouched."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.steps:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+# ----------------------------------------------------------------------------------------------
+# Router losses and logs shared by the trainer subclasses
+
+
+class RouterLossHook:
+    """Adds the recipe's router losses to a trainer's loss and keeps their metrics."""
+
+    def __init__(self, model, moe):
+        self.tap = RouterTap(model)
+        self.moe = moe
+
+    def add(self, trainer, loss, attention_mask, num_items_in_batch):
+        aux, z = router_losses(self.tap, attention_mask)
+        training = trainer.model.training
+        steps = trainer.current_gradient_accumulation_steps if (training and num_items_in_batch is not None) else 1
+        mode = "train" if training else "eval"
+        gather = trainer.accelerator.gather_for_metrics
+        trainer._metrics[mode]["aux_loss"].append(gather(aux.detach().reshape(1)).mean().item())
+        if self.moe.z_loss_coef > 0:
+            trainer._metrics[mode]["z_loss"].append(gather(z.detach().reshape(1)).mean().item())
+        return add_router_losses(loss, aux, z, self.moe.aux_loss_coef, self.moe.z_loss_coef, steps)
+
+
+class Throughput:
+    """Adds tokens/s and tokens per optimizer step (non-pad tokens, all ranks) to training log lines."""
+
+    def __init__(self):
+        self.last: tuple[float, float, int] | None = None
+
+    def update(self, logs: dict, step: int, total_tokens: float) -> dict:
+        if "loss" not in logs:  # eval and summary lines
+            return logs
+        now = (time.perf_counter(), float(total_tokens), step)
+        if self.last is not None and step > self.last[2]:
+            tokens = now[1] - self.last[1]
+            logs["tokens_per_second"] = round(tokens / max(now[0] - self.last[0], 1e-9), 1)
+            logs["tokens_per_step"] = round(tokens / (step - self.last[2]), 1)
+        self.last = now
+        return logs
+
+
+def describe_batch(args, lengths: list[int], world_size: int) -> str:
+    """Derived numbers, with units, logged before training starts."""
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
+    mean_length = sum(lengths) / max(1, len(lengths))
+    steps_per_epoch = math.ceil(len(lengths) / per_step)
+    total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    return (
+        f"batch: {args.per_device_train_batch_size} sequences/device x {args.gradient_accumulation_steps} "
+        f"accumulation steps x {world_size} processes = {per_step} sequences per optimizer step, "
+        f"about {per_step * mean_length:,.0f} tokens per optimizer step (mean sample {mean_length:.1f} tokens); "
+        f"{steps_per_epoch} optimizer steps per epoch, {total} optimizer steps planned"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs
+
+
+def save_outputs(trainer, recipe: Recipe, encoder: ChatEncoder) -> None:
+    """Adapter (PEFT format), tokenizer with chat template, resolved recipe, training log."""
+    out = Path(recipe.output_dir)
+    trainer.save_model(str(out))  # gathers ZeRO-3 shards; writes on the main process only
+    if trainer.is_world_process_zero():
+        save_tokenizer(encoder.path, out)
+        dump_yaml(recipe, out / RECIPE_FILE)
+        trainer.state.save_to_json(str(out / "trainer_state.json"))
+    trainer.accelerator.wait_for_everyone()
+
+
+def write_recipe(recipe: Recipe, is_main: bool) -> None:
+    if is_main:
+        Path(recipe.output_dir).mkdir(parents=True, exist_ok=True)
+        dump_yaml(recipe, Path(recipe.output_dir) / RECIPE_FILE)

@@ -1,0 +1,149 @@
+"""Supervised fine-tuning of a Mixtral-style MoE model on conversations: the first half of Mixtral-Instruct.
+
+    python -m finetune.sft recipes/tiny/sft.yaml [key.sub=value ...]
+    accelerate launch -m finetune.sft recipes/sft.yaml
+
+Writes to `output_dir`: the LoRA adapter (PEFT format), the tokenizer with the Mixtral-Instruct chat
+template, the resolved recipe (`recipe.yaml`) and the training log (`trainer_state.json`, with
+`aux_loss`). The loss is the mean next-token loss over the assistant replies plus
+`moe.aux_loss_coef * load-balancing loss + moe.z_loss_coef * router z-loss` (see finetune/moe.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from trl import SFTTrainer
+
+from finetune.chat_format import ChatEncoder
+from finetune.check import encoder_for
+from finetune.config import Recipe, load_recipe
+from finetune.data import prepare, sample_lengths
+from finetune.losses import SelectedLogits, lm_loss_sum, trained_positions
+from finetune.model import apply_method, load_base_model, router_loss_warning, trainable_table
+from finetune.runs import (
+    RouterLossHook,
+    StopAfterSteps,
+    Throughput,
+    check_eval_split,
+    describe_batch,
+    resume_checkpoint,
+    save_outputs,
+    trainer_args,
+    write_recipe,
+)
+
+
+class MoESFTTrainer(SFTTrainer):
+    """TRL's SFTTrainer with the loss computed by finetune.losses (LM head on trained positions only)
+    plus the router losses of finetune.moe, and throughput in the logs."""
+
+    def __init__(self, *args, moe, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.router_loss = RouterLossHook(self.model, moe)
+        self.selected_logits = SelectedLogits(self.model)
+        self.throughput = Throughput()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        rows, targets = trained_positions(inputs["labels"])
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        with self.router_loss.tap.capture(), self.selected_logits.select(rows):
+            outputs = model(**model_inputs, use_cache=False)
+        loss_sum, correct = lm_loss_sum(outputs.logits, targets)
+        # Trainer leaves gradient accumulation to the loss: divide by the trained tokens of the whole
+        # accumulated batch (of all ranks when averaging across devices, where DDP then averages).
+        if num_items_in_batch is not None:
+            loss = loss_sum / torch.as_tensor(num_items_in_batch, device=loss_sum.device).clamp(min=1)
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes
+        else:
+            loss = loss_sum / max(1, targets.numel())
+        loss = self.router_loss.add(self, loss, inputs.get("attention_mask"), num_items_in_batch)
+        self._log_token_metrics(mode, inputs, correct, targets.numel())
+        return (loss, outputs) if return_outputs else loss
+
+    def _log_token_metrics(self, mode, inputs, correct, trained):
+        gather = self.accelerator.gather_for_metrics
+        device = inputs["input_ids"].device
+        counts = gather(torch.tensor([float(correct), float(trained)], device=device).reshape(1, 2)).sum(0)
+        self._metrics[mode]["mean_token_accuracy"].append((counts[0] / counts[1].clamp(min=1)).item())
+        if mode == "train":
+            mask = inputs.get("attention_mask")
+            local = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel(), device=device)
+            self._total_train_tokens += gather(local.reshape(1)).sum().item()
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+    def log(self, logs, start_time=None):
+        super().log(self.throughput.update(logs, self.state.global_step, self._total_train_tokens), start_time)
+
+
+def build(recipe: Recipe, resume_from: str | None = None) -> tuple[MoESFTTrainer, ChatEncoder]:
+    """Recipe -> data -> model -> trainer, printing what will train."""
+    args = trainer_args(recipe)
+    is_main = args.process_index == 0
+
+    # Data: Mixtral-Instruct token ids with labels on the assistant replies only.
+    encoder = encoder_for(recipe)
+    data = prepare(recipe.data, "sft", encoder, progress=is_main)
+    check_eval_split(recipe, args, len(data.eval))
+    if data.bad_rows and is_main:
+        print(f"skipped {len(data.bad_rows)} bad row(s): {dict(data.skipped_by_reason())}")
+
+    # Model: base weights frozen, LoRA (or full training) on attention, experts and router.
+    model = apply_method(load_base_model(recipe), recipe)
+    if is_main:
+        print(trainable_table(model, recipe))
+        warning = router_loss_warning(model, recipe)
+        if warning:
+            print(warning, file=sys.stderr)
+        print(describe_batch(args, sample_lengths(data.train), args.world_size))
+
+    from datasets import Dataset
+
+    trainer = MoESFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(data.train),
+        eval_dataset=Dataset.from_list(data.eval) if data.eval else None,
+        processing_class=encoder.hf_tokenizer,
+        callbacks=[StopAfterSteps(recipe.stop_after_steps)] if recipe.stop_after_steps else None,
+        moe=recipe.moe,
+    )
+    return trainer, encoder
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune.sft", description=__doc__.split("\n")[0])
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=5")
+    cli = parser.parse_args(argv)
+
+    # 1. Recipe: every key checked, TRL's arguments built, before anything heavy happens.
+    recipe = load_recipe(cli.recipe, cli.overrides, expect_kind="sft")
+    trainer_args(recipe)
+    resume_from = resume_checkpoint(recipe)
+
+    # 2. Data, model and trainer.
+    trainer, encoder = build(recipe)
+    is_main = trainer.is_world_process_zero()
+
+    # 3. Train (continuing the same run when output_dir holds its checkpoints).
+    write_recipe(recipe, is_main)
+    if resume_from and is_main:
+        print(f"resuming from {resume_from}")
+    trainer.train(resume_from_checkpoint=resume_from)
+
+    # 4. Save: adapter, tokenizer, resolved recipe, log history.
+    save_outputs(trainer, recipe, encoder)
+    if is_main:
+        print(f"SFT adapter written to {recipe.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    from finetune.cli import run_guarded
+
+    sys.exit(run_guarded(main))
