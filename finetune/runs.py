@@ -178,6 +178,10 @@ def save_outputs(trainer, recipe: Recipe, encoder: ChatEncoder) -> None:
         dump_yaml(recipe, out / RECIPE_FILE)
         trainer.state.save_to_json(str(out / "trainer_state.json"))
     trainer.accelerator.wait_for_everyone()
+    if "wandb" in (trainer.args.report_to or []) and trainer.is_world_process_zero():
+        import wandb
+
+        wandb.finish()  # flush the run now (transformers leaves it open until the interpreter exits)
 
 
 def write_recipe(recipe: Recipe, is_main: bool) -> None:

@@ -15,6 +15,7 @@ import argparse
 import sys
 
 import torch
+from transformers import set_seed
 from trl import SFTTrainer
 
 from finetune.chat_format import ChatEncoder
@@ -92,7 +93,9 @@ def build(recipe: Recipe, resume_from: str | None = None) -> tuple[MoESFTTrainer
     if data.bad_rows and is_main:
         print(f"skipped {len(data.bad_rows)} bad row(s): {dict(data.skipped_by_reason())}")
 
-    # Model: base weights frozen, LoRA (or full training) on attention, experts and router.
+    # Model: base weights frozen, LoRA (or full training) on attention, experts and router. Seeded
+    # first: PEFT draws the LoRA initialisation from the global RNG.
+    set_seed(args.seed)
     model = apply_method(load_base_model(recipe), recipe)
     if is_main:
         print(trainable_table(model, recipe))

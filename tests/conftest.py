@@ -25,3 +25,19 @@ def encoder():
     from finetune.chat_format import ChatEncoder, bundled_sentencepiece_path
 
     return ChatEncoder(bundled_sentencepiece_path())
+
+
+@pytest.fixture(scope="session")
+def pretrained_tiny_dir(tmp_path_factory) -> Path:
+    """A tiny Mixtral briefly pretrained on the bundled text, so fine-tuning has signal to work with."""
+    from finetune.tiny import make_tiny_mixtral
+
+    return make_tiny_mixtral(tmp_path_factory.mktemp("tiny") / "pretrained", seed=0, pretrain_steps=150)
+
+
+def tiny_overrides(model_dir, output_dir, **train):
+    """Overrides that make recipes/tiny/sft.yaml a quick test run."""
+    items = [f"model={model_dir}", f"output_dir={output_dir}", "resume=never"]
+    defaults = {"max_steps": 4, "logging_steps": 1, "eval_strategy": "no", "save_strategy": "no"}
+    items += [f"train.{k}={v}" for k, v in {**defaults, **train}.items()]
+    return items
