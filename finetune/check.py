@@ -107,13 +107,13 @@ def report(recipe: Recipe, encoder: ChatEncoder, prepared: Prepared) -> str:
         lines += ["", "first training sample (trained tokens inside ⟦ ⟧):", render_sample(encoder, **first)]
     else:
         first = prepared.train[0]
-        prompt = first["prompt_input_ids"]
+        prompt = first["prompt_ids"]
         lines += [
             "",
             "first preference pair (reply tokens inside ⟦ ⟧):",
             "prompt:   " + render_sample(encoder, prompt, [IGNORE_INDEX] * len(prompt)),
-            "chosen:   " + render_sample(encoder, first["chosen_input_ids"], first["chosen_input_ids"]),
-            "rejected: " + render_sample(encoder, first["rejected_input_ids"], first["rejected_input_ids"]),
+            "chosen:   " + render_sample(encoder, first["chosen_ids"], first["chosen_ids"]),
+            "rejected: " + render_sample(encoder, first["rejected_ids"], first["rejected_ids"]),
         ]
     return "\n".join(lines)
 

@@ -209,7 +209,7 @@ def encode_preference_row(row: Any, encoder: ChatEncoder, max_length: int) -> tu
     longest = len(prompt_ids) + max(len(chosen_ids), len(rejected_ids))
     if longest > max_length:
         return None, f"too long: {longest} tokens (prompt + longer reply) > data.max_length={max_length}"
-    return {"prompt_input_ids": prompt_ids, "chosen_input_ids": chosen_ids, "rejected_input_ids": rejected_ids}, None
+    return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids}, None
 
 
 def encode_source(source: DataSource, kind: str, encoder: ChatEncoder, max_length: int, progress: bool = True):
@@ -290,4 +290,4 @@ def labelled_ids(sample: dict) -> list[int]:
 def sample_lengths(samples: list[dict]) -> list[int]:
     if samples and "input_ids" in samples[0]:
         return [len(s["input_ids"]) for s in samples]
-    return [len(s["prompt_input_ids"]) + max(len(s["chosen_input_ids"]), len(s["rejected_input_ids"])) for s in samples]
+    return [len(s["prompt_ids"]) + max(len(s["chosen_ids"]), len(s["rejected_ids"])) for s in samples]

@@ -102,7 +102,9 @@ def router_z_loss(logits: list[torch.Tensor], attention_mask=None) -> torch.Tens
 
 def router_losses(tap: RouterTap, attention_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(aux, z) for the logits collected since the last call."""
-    logits = tap.take()
+    # The first forward of a training step is the policy's; DPO then runs the reference (another adapter of
+    # the same model) through the same routers, which must not count.
+    logits = tap.take()[: tap.num_layers]
     if len(logits) != tap.num_layers:
         raise RuntimeError(f"expected router logits from {tap.num_layers} layers, got {len(logits)}")
     return (

@@ -4,6 +4,7 @@ bookkeeping and the output folder."""
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
@@ -40,10 +41,27 @@ def trainer_args(recipe: Recipe):
         kwargs["packing"] = recipe.data.packing
     if not torch.cuda.is_available():
         kwargs["use_cpu"] = True
+    check_wandb_login(recipe, kwargs.get("report_to"))
     try:
         return trainer_config_class(recipe.kind)(**kwargs)
     except (ValueError, TypeError) as err:
         raise RecipeError(f"{recipe.source}: the train section is not valid: {err}") from None
+
+
+def check_wandb_login(recipe: Recipe, report_to) -> None:
+    """Fail before loading anything when wandb would ask for a login it cannot get."""
+    targets = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    if "wandb" not in targets and "all" not in targets:
+        return
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return
+    raise RecipeError(
+        f"{recipe.source}: train.report_to includes wandb but wandb has no login: run `wandb login`, "
+        "set WANDB_API_KEY, or set WANDB_MODE=offline (no network) or train.report_to=none"
+    )
 
 
 def check_eval_split(recipe: Recipe, args, eval_samples: int) -> None:
@@ -121,12 +139,21 @@ class RouterLossHook:
         self.tap = RouterTap(model)
         self.moe = moe
 
-    def add(self, trainer, loss, attention_mask, num_items_in_batch):
+    def add(self, trainer, loss, attention_mask, num_items_in_batch, log_task_loss_as: str | None = None):
+        """loss + router losses; `log_task_loss_as` also logs the loss without them (e.g. `dpo_loss`)."""
         aux, z = router_losses(self.tap, attention_mask)
         training = trainer.model.training
-        steps = trainer.current_gradient_accumulation_steps if (training and num_items_in_batch is not None) else 1
+        # Where the trainer's loss is already scaled for gradient accumulation (SFT: divided by the tokens of
+        # the accumulated batch), divide the router losses by the steps; where Trainer divides the whole loss
+        # afterwards (DPO), add them as they are. Same rule as transformers' Trainer.training_step.
+        scaled = trainer.loss_is_scaled_for_ga
+        if scaled is None:
+            scaled = trainer.model_accepts_loss_kwargs and num_items_in_batch is not None
+        steps = trainer.current_gradient_accumulation_steps if (training and scaled) else 1
         mode = "train" if training else "eval"
         gather = trainer.accelerator.gather_for_metrics
+        if log_task_loss_as:
+            trainer._metrics[mode][log_task_loss_as].append(gather(loss.detach().reshape(1)).mean().item())
         trainer._metrics[mode]["aux_loss"].append(gather(aux.detach().reshape(1)).mean().item())
         if self.moe.z_loss_coef > 0:
             trainer._metrics[mode]["z_loss"].append(gather(z.detach().reshape(1)).mean().item())

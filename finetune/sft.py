@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
 from transformers import set_seed
 from trl import SFTTrainer
 
@@ -22,7 +21,7 @@ from finetune.chat_format import ChatEncoder
 from finetune.check import encoder_for
 from finetune.config import Recipe, load_recipe
 from finetune.data import prepare, sample_lengths
-from finetune.losses import SelectedLogits, lm_loss_sum, trained_positions
+from finetune.losses import use_compact_lm_head
 from finetune.model import apply_method, load_base_model, router_loss_warning, trainable_table
 from finetune.runs import (
     RouterLossHook,
@@ -38,44 +37,20 @@ from finetune.runs import (
 
 
 class MoESFTTrainer(SFTTrainer):
-    """TRL's SFTTrainer with the loss computed by finetune.losses (LM head on trained positions only)
-    plus the router losses of finetune.moe, and throughput in the logs."""
+    """TRL's SFTTrainer plus the router losses of finetune.moe, and throughput in the logs."""
 
     def __init__(self, *args, moe, **kwargs):
         super().__init__(*args, **kwargs)
+        use_compact_lm_head(self.model)
         self.router_loss = RouterLossHook(self.model, moe)
-        self.selected_logits = SelectedLogits(self.model)
         self.throughput = Throughput()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        mode = "train" if self.model.training else "eval"
-        rows, targets = trained_positions(inputs["labels"])
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        with self.router_loss.tap.capture(), self.selected_logits.select(rows):
-            outputs = model(**model_inputs, use_cache=False)
-        loss_sum, correct = lm_loss_sum(outputs.logits, targets)
-        # Trainer leaves gradient accumulation to the loss: divide by the trained tokens of the whole
-        # accumulated batch (of all ranks when averaging across devices, where DDP then averages).
-        if num_items_in_batch is not None:
-            loss = loss_sum / torch.as_tensor(num_items_in_batch, device=loss_sum.device).clamp(min=1)
-            if self.args.average_tokens_across_devices:
-                loss = loss * self.accelerator.num_processes
-        else:
-            loss = loss_sum / max(1, targets.numel())
+        with self.router_loss.tap.capture():
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = result[0] if return_outputs else result
         loss = self.router_loss.add(self, loss, inputs.get("attention_mask"), num_items_in_batch)
-        self._log_token_metrics(mode, inputs, correct, targets.numel())
-        return (loss, outputs) if return_outputs else loss
-
-    def _log_token_metrics(self, mode, inputs, correct, trained):
-        gather = self.accelerator.gather_for_metrics
-        device = inputs["input_ids"].device
-        counts = gather(torch.tensor([float(correct), float(trained)], device=device).reshape(1, 2)).sum(0)
-        self._metrics[mode]["mean_token_accuracy"].append((counts[0] / counts[1].clamp(min=1)).item())
-        if mode == "train":
-            mask = inputs.get("attention_mask")
-            local = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel(), device=device)
-            self._total_train_tokens += gather(local.reshape(1)).sum().item()
-        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        return (loss, result[1]) if return_outputs else loss
 
     def log(self, logs, start_time=None):
         super().log(self.throughput.update(logs, self.state.global_step, self._total_train_tokens), start_time)

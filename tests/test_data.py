@@ -169,5 +169,5 @@ def test_every_bad_preference_row_is_named(tmp_path, encoder):
     prepared = prepare(config(path, on_bad_rows="skip"), "dpo", encoder, progress=False)
     assert len(prepared.train) == 2
     for sample in prepared.train:
-        assert sample["prompt_input_ids"] == encoder.encode_prompt(PROMPT)
-    assert {tuple(s["chosen_input_ids"]) for s in prepared.train} == {tuple(encoder.reply_ids("A"))}
+        assert sample["prompt_ids"] == encoder.encode_prompt(PROMPT)
+    assert {tuple(s["chosen_ids"]) for s in prepared.train} == {tuple(encoder.reply_ids("A"))}

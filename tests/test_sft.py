@@ -256,12 +256,17 @@ def wandb_history(run_file: Path) -> list[dict]:
     return rows
 
 
-def test_wandb_offline_run_receives_metrics(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_PROJECT", "finetune-test")
+def test_wandb_offline_run_receives_metrics(tiny_model_dir, tmp_path, repo_root):
+    import os
+    import subprocess
+    import sys
+
     out = tmp_path / "run"
-    assert sft_main([RECIPE, *tiny_overrides(tiny_model_dir, out, report_to="wandb", max_steps=3)]) == 0
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_PROJECT": "finetune-test"}
+    overrides = tiny_overrides(tiny_model_dir, out, report_to="wandb", max_steps=3)
+    proc = subprocess.run([sys.executable, "-m", "finetune.sft", RECIPE, *overrides], cwd=repo_root, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     runs = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(runs) == 1
     rows = [r for r in wandb_history(runs[0]) if "train/loss" in r]

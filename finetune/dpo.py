@@ -1,0 +1,199 @@
+"""Direct Preference Optimisation from the SFT adapter: the second half of Mixtral-Instruct.
+
+    python -m finetune.dpo recipes/tiny/dpo.yaml [key.sub=value ...]
+    accelerate launch -m finetune.dpo recipes/dpo.yaml
+
+Start point and reference: the base model is loaded once with the SFT adapter (`dpo.sft_adapter`) as the
+trainable policy adapter (`default`); TRL's DPOTrainer copies it into a frozen `ref` adapter that it
+uses for the reference forward. So the policy starts as the SFT policy, the reference IS the SFT policy
+(never the raw base), at step 0 the loss is exactly ln 2, there is one copy of the base weights,
+nothing is merged (ZeRO-3 partitions stay valid), and the result is one adapter on the base.
+Without `dpo.sft_adapter`, `model` itself must be the SFT policy (e.g. merged) and a fresh adapter
+trains on it, the adapter-free model being the reference. `train.precompute_ref_log_probs: true`
+computes the reference log-probs once before training.
+
+The loss is TRL's DPO loss (`train.loss_type`: sigmoid, ipo, hinge, robust, ...; `train.beta`,
+`train.label_smoothing`) plus the same router losses as SFT, added the same way (finetune/moe.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from transformers import set_seed
+from trl import DPOTrainer
+
+from finetune.chat_format import ChatEncoder
+from finetune.check import encoder_for
+from finetune.config import Recipe, RecipeError, load_recipe
+from finetune.data import prepare, sample_lengths
+from finetune.losses import use_compact_lm_head
+from finetune.model import (
+    ATTENTION_MODULES,
+    EXPERT_PARAMETERS,
+    ROUTER_MODULE,
+    apply_method,
+    load_base_model,
+    router_loss_warning,
+    trainable_table,
+)
+from finetune.runs import (
+    RouterLossHook,
+    StopAfterSteps,
+    Throughput,
+    check_eval_split,
+    describe_batch,
+    resume_checkpoint,
+    save_outputs,
+    trainer_args,
+    write_recipe,
+)
+
+REFERENCE_ADAPTER = "ref"
+
+
+class MoEDPOTrainer(DPOTrainer):
+    """TRL's DPOTrainer on our exact token ids, plus the router losses of finetune.moe and throughput."""
+
+    def __init__(self, *args, moe, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name, param in self.model.named_parameters():  # TRL's copy of the SFT adapter never trains
+            if f".{REFERENCE_ADAPTER}." in name:
+                param.requires_grad_(False)
+        use_compact_lm_head(self.model)
+        self.router_loss = RouterLossHook(self.model, moe)
+        self.throughput = Throughput()
+        self.tokens_seen = 0
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        use_compact_lm_head(self.model)  # TRL precomputes inside __init__, after patching its own head
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        # finetune.data already produced prompt_ids / chosen_ids / rejected_ids exactly as mistral_common
+        # would; TRL's re-tokenization through the transformers tokenizer is not SentencePiece-exact.
+        return dataset
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with self.router_loss.tap.capture():
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        loss = self.router_loss.add(
+            self, loss, inputs.get("attention_mask"), num_items_in_batch, log_task_loss_as="dpo_loss"
+        )
+        if self.model.training:
+            local = inputs["attention_mask"].sum().reshape(1)
+            self.tokens_seen += self.accelerator.gather_for_metrics(local).sum().item()
+        return (loss, result[1]) if return_outputs else loss
+
+    def log(self, logs, start_time=None):
+        super().log(self.throughput.update(logs, self.state.global_step, self.tokens_seen), start_time)
+
+
+def load_policy(recipe: Recipe):
+    """Base + SFT adapter as the trainable policy (TRL adds the frozen reference copy)."""
+    base = load_base_model(recipe)
+    sft = recipe.dpo.sft_adapter
+    if sft is None:
+        return apply_method(base, recipe)
+    config_file = Path(sft) / "adapter_config.json"
+    if not config_file.is_file():
+        raise RecipeError(f"{recipe.source}: dpo.sft_adapter={sft!r} holds no adapter_config.json (run SFT first)")
+    check_same_adapter_shape(recipe, json.loads(config_file.read_text()))
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, sft, is_trainable=True)
+
+
+def check_same_adapter_shape(recipe: Recipe, adapter: dict) -> None:
+    """The DPO recipe's lora section must describe the adapter it continues."""
+    groups = []
+    if set(adapter.get("target_modules") or []) & set(ATTENTION_MODULES):
+        groups.append("attention")
+    if set(adapter.get("target_parameters") or []) & set(EXPERT_PARAMETERS):
+        groups.append("experts")
+    if ROUTER_MODULE in (adapter.get("modules_to_save") or []):
+        groups.append("router")
+    src, sft = recipe.source, recipe.dpo.sft_adapter
+    if sorted(groups) != sorted(recipe.lora.targets):
+        raise RecipeError(f"{src}: lora.targets {recipe.lora.targets} differ from the SFT adapter's {groups} ({sft})")
+    for key in ("r", "lora_alpha"):
+        if key in recipe.lora.peft and recipe.lora.peft[key] != adapter.get(key):
+            raise RecipeError(f"{src}: lora.{key}={recipe.lora.peft[key]} differs from the SFT adapter's {adapter.get(key)}")
+
+
+def build(recipe: Recipe) -> tuple[MoEDPOTrainer, ChatEncoder]:
+    """Recipe -> data -> model -> trainer, printing what will train."""
+    args = trainer_args(recipe)
+    is_main = args.process_index == 0
+
+    # Data: Mixtral-Instruct prompt ids and reply ids (each reply ends with EOS).
+    encoder = encoder_for(recipe)
+    data = prepare(recipe.data, "dpo", encoder, progress=is_main)
+    check_eval_split(recipe, args, len(data.eval))
+    if data.bad_rows and is_main:
+        print(f"skipped {len(data.bad_rows)} bad row(s): {dict(data.skipped_by_reason())}")
+
+    # Model: policy and reference both start as the SFT policy. Seeded first: PEFT draws the LoRA
+    # initialisation of a fresh adapter from the global RNG.
+    set_seed(args.seed)
+    model = load_policy(recipe)
+    if is_main:
+        print(trainable_table(model, recipe))
+        warning = router_loss_warning(model, recipe)
+        if warning:
+            print(warning, file=sys.stderr)
+        print(describe_batch(args, sample_lengths(data.train), args.world_size))
+
+    from datasets import Dataset
+
+    trainer = MoEDPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(data.train),
+        eval_dataset=Dataset.from_list(data.eval) if data.eval else None,
+        processing_class=encoder.hf_tokenizer,
+        callbacks=[StopAfterSteps(recipe.stop_after_steps)] if recipe.stop_after_steps else None,
+        moe=recipe.moe,
+    )
+    return trainer, encoder
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune.dpo", description=__doc__.split("\n")[0])
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=5")
+    cli = parser.parse_args(argv)
+
+    # 1. Recipe: every key checked, TRL's arguments built, before anything heavy happens.
+    recipe = load_recipe(cli.recipe, cli.overrides, expect_kind="dpo")
+    trainer_args(recipe)
+    resume_from = resume_checkpoint(recipe)
+
+    # 2. Data, model and trainer.
+    trainer, encoder = build(recipe)
+    is_main = trainer.is_world_process_zero()
+
+    # 3. Train (continuing the same run when output_dir holds its checkpoints).
+    write_recipe(recipe, is_main)
+    if resume_from and is_main:
+        print(f"resuming from {resume_from}")
+    trainer.train(resume_from_checkpoint=resume_from)
+
+    # 4. Save: adapter, tokenizer, resolved recipe, log history. The reference adapter is the SFT
+    # adapter the recipe names; no copy of it is kept next to the result.
+    save_outputs(trainer, recipe, encoder)
+    if is_main:
+        shutil.rmtree(Path(recipe.output_dir) / REFERENCE_ADAPTER, ignore_errors=True)
+        print(f"DPO adapter written to {recipe.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    from finetune.cli import run_guarded
+
+    sys.exit(run_guarded(main))
