@@ -19,8 +19,8 @@ The loss is TRL's DPO loss (`train.loss_type`: sigmoid, ipo, hinge, robust, ...;
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -72,6 +72,16 @@ class MoEDPOTrainer(DPOTrainer):
     def _precompute_ref_logps(self, dataset, name, batch_size):
         use_compact_lm_head(self.model)  # TRL precomputes inside __init__, after patching its own head
         return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    def _save(self, output_dir=None, state_dict=None):
+        # Save the policy adapter only: the reference is the SFT adapter the recipe names. (Under ZeRO-3 the
+        # gathered state dict holds the trainable parameters only, so PEFT could not save the frozen copy.)
+        model = self.accelerator.unwrap_model(self.model)
+        model.save_pretrained = functools.partial(type(model).save_pretrained, model, selected_adapters=["default"])
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            del model.save_pretrained
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         # finetune.data already produced prompt_ids / chosen_ids / rejected_ids exactly as mistral_common
@@ -184,11 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resuming from {resume_from}")
     trainer.train(resume_from_checkpoint=resume_from)
 
-    # 4. Save: adapter, tokenizer, resolved recipe, log history. The reference adapter is the SFT
-    # adapter the recipe names; no copy of it is kept next to the result.
+    # 4. Save: adapter, tokenizer, resolved recipe, log history.
     save_outputs(trainer, recipe, encoder)
     if is_main:
-        shutil.rmtree(Path(recipe.output_dir) / REFERENCE_ADAPTER, ignore_errors=True)
         print(f"DPO adapter written to {recipe.output_dir}")
     return 0
 

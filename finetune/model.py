@@ -32,6 +32,19 @@ def use_bf16(recipe: Recipe) -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+def mark_moe_blocks_as_zero3_leaves(model: nn.Module) -> bool:
+    """Under ZeRO-3, gather each sparse MoE block's parameters as one unit. Ranks route their tokens to
+    different experts, so per-expert gathers would stop matching across ranks and hang (DeepSpeed#4808)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return False
+    from deepspeed.utils import set_z3_leaf_modules
+
+    set_z3_leaf_modules(model, sorted({type(block) for block in moe_blocks(model)}, key=lambda c: c.__name__))
+    return True
+
+
 def load_base_model(recipe: Recipe, dtype: torch.dtype | None = None):
     from transformers import AutoModelForCausalLM
 
@@ -42,6 +55,7 @@ def load_base_model(recipe: Recipe, dtype: torch.dtype | None = None):
     if not moe_blocks(model):
         raise RecipeError(f"{recipe.source}: model {recipe.model!r} ({type(model).__name__}) has no sparse MoE blocks")
     model.config.use_cache = False
+    mark_moe_blocks_as_zero3_leaves(model)
     return model
 
 

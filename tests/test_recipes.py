@@ -10,7 +10,9 @@ from finetune.config import load_recipe
 from finetune.runs import trainer_args
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "recipes").rglob("*.yaml"))
+RECIPES = sorted(
+    p.relative_to(ROOT).as_posix() for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.parts
+)
 LOCAL_DATA = {"sft": "data/chat", "dpo": "data/preferences"}
 
 
