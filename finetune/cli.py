@@ -11,7 +11,10 @@ import sys
 
 PASSES = {
     "check": "validate a recipe and its data, show what the model will learn",
-    "tiny": "write a tiny random Mixtral checkpoint",
+    "tiny": "write a tiny Mixtral checkpoint",
+    "sft": "supervised fine-tuning (LoRA on attention, experts, router)",
+    "dpo": "direct preference optimisation from the SFT adapter",
+    "plan": "per-GPU memory plan for a recipe, before loading any weight",
 }
 
 

@@ -142,6 +142,9 @@ class Recipe:
     """DPO only: start point."""
     train: dict[str, Any] = field(default_factory=dict)
     """TRL `SFTConfig` / `DPOConfig` fields (learning_rate, max_steps, ...), checked by name and type."""
+    launch: str | None = None
+    """accelerate config this recipe is meant for (recipes/accelerate/*.yaml). `python -m finetune.sft`
+    relaunches itself under `accelerate launch` with it; `finetune.plan` reads its ZeRO stage."""
     resume: str = "auto"
     """`auto`: continue from the last checkpoint in output_dir if it belongs to the same recipe (refuse if
     the recipe changed); `never`: start over; or a checkpoint folder to continue from."""
@@ -168,7 +171,7 @@ OWNED_TRAIN_KEYS = {
     "resume_from_checkpoint": "resume",
 }
 # Keys that may differ between an interrupted run and the run that continues it.
-RUN_CONTROL_KEYS = ("resume", "stop_after_steps")
+RUN_CONTROL_KEYS = ("resume", "stop_after_steps", "launch")
 OWNED_LORA_KEYS = {
     "target_modules": "lora.targets",
     "target_parameters": "lora.targets",
@@ -398,6 +401,8 @@ def validate(recipe: Recipe) -> None:
     for key in ("aux_loss_coef", "z_loss_coef"):
         if getattr(recipe.moe, key) < 0:
             raise RecipeError(f"{src}: moe.{key} must be >= 0, got {getattr(recipe.moe, key)}")
+    if recipe.launch is not None and not Path(recipe.launch).is_file():
+        raise RecipeError(f"{src}: launch={recipe.launch!r}: no such accelerate config")
     if recipe.stop_after_steps is not None and recipe.stop_after_steps < 1:
         raise RecipeError(f"{src}: stop_after_steps must be >= 1, got {recipe.stop_after_steps}")
     if recipe.kind == "sft" and recipe.dpo.sft_adapter is not None:

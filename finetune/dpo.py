@@ -47,6 +47,7 @@ from finetune.runs import (
     Throughput,
     check_eval_split,
     describe_batch,
+    relaunch_with_accelerate,
     resume_checkpoint,
     save_outputs,
     trainer_args,
@@ -182,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     # 1. Recipe: every key checked, TRL's arguments built, before anything heavy happens.
     recipe = load_recipe(cli.recipe, cli.overrides, expect_kind="dpo")
     trainer_args(recipe)
+    launched = relaunch_with_accelerate(recipe, cli.recipe, cli.overrides)
+    if launched is not None:
+        return launched
     resume_from = resume_checkpoint(recipe)
 
     # 2. Data, model and trainer.

@@ -48,6 +48,20 @@ def trainer_args(recipe: Recipe):
         raise RecipeError(f"{recipe.source}: the train section is not valid: {err}") from None
 
 
+def relaunch_with_accelerate(recipe: Recipe, recipe_path: str, overrides: list[str]) -> int | None:
+    """Run the pass under `accelerate launch --config_file recipe.launch` unless already launched; the
+    child's exit code, or None to carry on in this process."""
+    if recipe.launch is None or os.environ.get("FINETUNE_LAUNCHED") or "LOCAL_RANK" in os.environ:
+        return None
+    import subprocess
+    import sys
+
+    command = ["accelerate", "launch", "--config_file", recipe.launch, "-m", f"finetune.{recipe.kind}",
+               recipe_path, *overrides]
+    print("launching: " + " ".join(command), flush=True)
+    return subprocess.call(command, env={**os.environ, "FINETUNE_LAUNCHED": "1"})
+
+
 def check_wandb_login(recipe: Recipe, report_to) -> None:
     """Fail before loading anything when wandb would ask for a login it cannot get."""
     targets = [report_to] if isinstance(report_to, str) else list(report_to or [])

@@ -37,7 +37,7 @@ def pretrained_tiny_dir(tmp_path_factory) -> Path:
 
 def tiny_overrides(model_dir, output_dir, **train):
     """Overrides that make recipes/tiny/sft.yaml a quick test run."""
-    items = [f"model={model_dir}", f"output_dir={output_dir}", "resume=never"]
+    items = [f"model={model_dir}", f"output_dir={output_dir}", "resume=never", "launch=null"]
     defaults = {"max_steps": 4, "logging_steps": 1, "eval_strategy": "no", "save_strategy": "no"}
     items += [f"train.{k}={v}" for k, v in {**defaults, **train}.items()]
     return items

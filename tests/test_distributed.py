@@ -119,3 +119,33 @@ def test_zero3_dpo_runs_from_a_zero3_sft_adapter(tiny_model_dir, zero3_aux_on, t
     assert len(logs) == 2
     assert logs[0]["dpo_loss"] == pytest.approx(0.6931, abs=1e-3) and logs[0]["rewards/margins"] == pytest.approx(0, abs=1e-3)
     assert all(torch.isfinite(torch.tensor([h["loss"], h["aux_loss"]])).all() for h in logs)
+
+
+def test_plan_is_within_2x_of_measured_peak(zero3_aux_on, tiny_model_dir):
+    reports = [json.loads((zero3_aux_on / f"rank{r}.json").read_text()) for r in (0, 1)]
+    measured = max(r["peak_rss_mib"] for r in reports)
+    proc = subprocess.run(
+        [sys.executable, "-m", "finetune.plan", "recipes/tiny/sft.yaml", f"model={tiny_model_dir}",
+         "launch=recipes/accelerate/cpu_zero3.yaml", "train.per_device_train_batch_size=2", "--gpus", "2",
+         "--device", "cpu"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    total = float(next(x for x in proc.stdout.splitlines() if x.strip().startswith("total")).split()[-1]) * 1024
+    assert "DeepSpeed ZeRO-3" in proc.stdout
+    assert measured / 2 <= total <= measured * 2, (total, measured)
+
+
+def test_recipe_launch_config_relaunches_under_accelerate(tiny_model_dir, four_rows, tmp_path):
+    out = tmp_path / "launched"
+    overrides = overrides_for(tiny_model_dir, out, four_rows, per_device_train_batch_size=2, max_steps=1)
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "FINETUNE_LAUNCHED")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "finetune.sft", "recipes/tiny/sft.yaml", *overrides,
+         "launch=recipes/accelerate/cpu_zero3.yaml"],
+        cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "launching: accelerate launch --config_file recipes/accelerate/cpu_zero3.yaml" in proc.stdout
+    assert "x 2 processes" in proc.stdout
+    assert (out / "adapter_model.safetensors").is_file()

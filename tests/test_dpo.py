@@ -131,6 +131,7 @@ def test_adapter_shape_must_match_the_sft_adapter(tiny_model_dir, sft_adapter, t
         build(load_recipe("recipes/tiny/dpo.yaml", overrides, expect_kind="dpo"))
 
 
+@pytest.mark.slow
 def test_tiny_pipeline_raises_heldout_preference_accuracy(pretrained_tiny_dir, tmp_path):
     sft, dpo = tmp_path / "sft", tmp_path / "dpo"
     sft_args = [f"model={pretrained_tiny_dir}", f"output_dir={sft}", "train.max_steps=100", "train.eval_strategy=no"]

@@ -223,6 +223,7 @@ def test_resume_continues_the_same_run(tiny_model_dir, tmp_path):
         sft_main([RECIPE, *overrides, "train.learning_rate=0.02"])
 
 
+@pytest.mark.slow
 def test_eval_loss_falls_on_tiny_recipe(pretrained_tiny_dir, tmp_path):
     out = tmp_path / "run"
     overrides = tiny_overrides(pretrained_tiny_dir, out, max_steps=60, eval_strategy="steps", eval_steps=60,

@@ -1,0 +1,215 @@
+"""Memory plan: what a recipe needs per GPU, before any weight is loaded.
+
+    python -m finetune.plan recipes/sft.yaml --gpus 8 --gpu-memory 80 [--nodes 1] [--zero 3] [--offload]
+
+Parameter counts come from the model built on the meta device with the recipe's own LoRA (or full)
+setup, so they are exact. ZeRO stage and offload come from the recipe's `launch` config (its DeepSpeed
+JSON) unless given here. The model states follow DeepSpeed's accounting (16-bit weights; per trained
+parameter 16 more bytes: fp32 master weights, gradients, Adam moments), split into trainable and frozen
+parameters, which DeepSpeed's own estimators (printed alongside) do not: they assume every parameter
+trains. Added on top: the ZeRO-3 gather of one whole sparse MoE block (a leaf unit) with its prefetch,
+activations under gradient checkpointing (an estimate), and runtime overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finetune.config import Recipe, RecipeError, load_recipe, parse_yaml
+
+GIB = 1024**3
+# Public configuration of Mixtral 8x7B, used when the Hub cannot be reached (the plan needs no weights).
+KNOWN_CONFIGS = {
+    "mistralai/Mixtral-8x7B-v0.1": dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+        max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=False,
+    ),
+}
+KNOWN_CONFIGS["mistralai/Mixtral-8x7B-Instruct-v0.1"] = KNOWN_CONFIGS["mistralai/Mixtral-8x7B-v0.1"]
+GPU_RUNTIME_BYTES = 1.5 * GIB  # CUDA context, NCCL buffers, allocator slack
+
+
+@dataclass
+class Counts:
+    total: int
+    trainable: int
+    largest_block: int  # parameters of the largest sparse MoE block (gathered as one ZeRO-3 leaf)
+
+
+@dataclass
+class Plan:
+    rows: list[tuple[str, float]] = field(default_factory=list)  # (what, bytes per device)
+    cpu_bytes_per_node: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return sum(b for _, b in self.rows)
+
+
+def load_model_config(name: str):
+    """The model's config: a local folder or cached copy, else the built-in copy, else the Hub."""
+    from transformers import AutoConfig, MixtralConfig
+
+    try:
+        return AutoConfig.from_pretrained(name, local_files_only=True), "model config"
+    except (OSError, ValueError):
+        pass
+    if name in KNOWN_CONFIGS:
+        return MixtralConfig(**KNOWN_CONFIGS[name]), "built-in copy of its public config"
+    try:
+        return AutoConfig.from_pretrained(name), "model config from the Hub"
+    except (OSError, ValueError):
+        raise RecipeError(f"cannot read the config of {name!r} (offline?); give a local folder") from None
+
+
+def count_parameters(recipe: Recipe, config) -> Counts:
+    """Exact counts from the model on the meta device, with the recipe's LoRA / full setup applied."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from finetune.model import apply_method, trainable_counts
+    from finetune.moe import moe_blocks
+
+    with init_empty_weights():
+        model = apply_method(AutoModelForCausalLM.from_config(config), recipe)
+    trainable, total = trainable_counts(model)
+    blocks = moe_blocks(model)
+    largest = max(sum(p.numel() for p in b.parameters()) for b in blocks) if blocks else 0
+    return Counts(sum(total.values()), sum(trainable.values()), largest)
+
+
+def zero_settings(recipe: Recipe, zero: int | None, offload: bool | None) -> tuple[int, bool, bool]:
+    """(stage, offload optimizer, offload parameters) from the flags, else the recipe's launch config."""
+    stage, off_opt, off_param = 0, False, False
+    if recipe.launch:
+        launch = parse_yaml(Path(recipe.launch).read_text()) or {}
+        ds_file = (launch.get("deepspeed_config") or {}).get("deepspeed_config_file")
+        if ds_file:
+            ds = json.loads(Path(ds_file).read_text()).get("zero_optimization", {})
+            stage = int(ds.get("stage", 0))
+            off_opt = ds.get("offload_optimizer", {}).get("device") == "cpu"
+            off_param = ds.get("offload_param", {}).get("device") == "cpu"
+    if zero is not None:
+        stage = zero
+    if offload is not None:  # DeepSpeed offloads optimizer state from ZeRO-1 on, parameters only with ZeRO-3
+        off_opt, off_param = offload and stage >= 1, offload and stage == 3
+    return stage, off_opt, off_param
+
+
+def estimate(recipe: Recipe, config, counts: Counts, world: int, nodes: int, stage: int, off_opt: bool,
+             off_param: bool, device: str) -> Plan:
+    gpu = device == "gpu"
+    weight_bytes = 2 if gpu else 4  # bf16 on GPUs; the CPU trains in fp32
+    state_bytes = 16 if gpu else 12  # per trained parameter: fp32 master, fp32 grads, Adam m and v (CPU: no master)
+    plan = Plan()
+    weights = 0 if off_param else counts.total * weight_bytes / (world if stage == 3 else 1)
+    how = ("bf16" if gpu else "fp32") + (f", sharded /{world}" if stage == 3 else "") + (", offloaded" if off_param else "")
+    plan.rows.append((f"weights ({how})", weights))
+    states = 0 if off_opt else counts.trainable * state_bytes / (world if stage >= 1 else 1)
+    how = f"{counts.trainable:,} params" + (f", sharded /{world}" if stage >= 1 else "") + (", offloaded" if off_opt else "")
+    plan.rows.append((f"trained: grads, master, Adam ({how})", states))
+    if stage == 3:
+        plan.rows.append(("ZeRO-3 gather: one MoE block + prefetch", 2 * counts.largest_block * weight_bytes))
+    plan.rows.append(("activations (estimate, checkpointed)", activation_bytes(recipe, config, weight_bytes)))
+    runtime = GPU_RUNTIME_BYTES if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    plan.rows.append(("runtime (CUDA context, buffers)" if gpu else "runtime (interpreter and libraries)", runtime))
+    plan.cpu_bytes_per_node = ((counts.total * weight_bytes if off_param else 0)
+                               + (counts.trainable * state_bytes if off_opt else 0)) / nodes
+    return plan
+
+
+def activation_bytes(recipe: Recipe, config, weight_bytes: int) -> float:
+    """Per device, one micro-batch of max_length tokens under gradient checkpointing: the saved input of
+    every layer, one layer recomputed (attention and the routed expert MLPs), and the LM head rows."""
+    batch = recipe.train.get("per_device_train_batch_size", 8) * (2 if recipe.kind == "dpo" else 1)
+    tokens = batch * recipe.data.max_length
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    checkpoints = layers * tokens * hidden * weight_bytes
+    attention = tokens * hidden * 8 * weight_bytes
+    experts = tokens * config.num_experts_per_tok * (3 * config.intermediate_size + hidden) * weight_bytes
+    router = tokens * config.num_local_experts * 4 * layers
+    lm_head = tokens * 0.5 * config.vocab_size * 4  # fp32 logits of trained positions (about half)
+    return checkpoints + attention + experts + router + lm_head
+
+
+def deepspeed_estimate(counts: Counts, gpus_per_node: int, nodes: int, stage: int, off_opt: bool, off_param: bool):
+    """DeepSpeed's own model-state estimate (all parameters trained), (cpu, gpu) bytes, or None."""
+    if stage == 3:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+            counts.total, counts.largest_block, gpus_per_node, nodes, cpu_offload=off_opt,
+            cpu_offload_params=off_param, zero_init=True,
+        )
+        return cpu, gpu
+    if stage == 2:
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        return estimate_zero2_model_states_mem_needs(counts.total, gpus_per_node, nodes, cpu_offload=off_opt)
+    return None
+
+
+def render(recipe, source, counts, plan, args, stage, off_opt, off_param, ds) -> str:
+    device_word = "GPU" if args.device == "gpu" else "process"
+    lines = [
+        f"memory plan for {recipe.source} ({recipe.model}; {source})",
+        f"parameters: {(counts.total - counts.trainable) / 1e9:.3f} B frozen, {counts.trainable / 1e6:.2f} M trainable "
+        f"({recipe.lora.method} on {', '.join(recipe.lora.targets)})",
+        f"setup: {args.nodes} node(s) x {args.gpus} {device_word}(s), "
+        + (f"DeepSpeed ZeRO-{stage}" if stage else "no ZeRO")
+        + (", optimizer offloaded" if off_opt else "") + (", parameters offloaded" if off_param else "")
+        + f", micro-batch {recipe.train.get('per_device_train_batch_size', 8)} x {recipe.data.max_length} tokens",
+        "",
+        f"per {device_word:<60} GiB",
+    ]
+    lines += [f"  {what:<60} {size / GIB:8.2f}" for what, size in plan.rows]
+    lines.append(f"  {'total':<60} {plan.total / GIB:8.2f}")
+    if args.gpu_memory:
+        verdict = "fits" if plan.total <= args.gpu_memory * GIB else "DOES NOT FIT"
+        lines.append(f"  of {args.gpu_memory:g} GiB per {device_word}: {verdict} "
+                     f"({100 * plan.total / (args.gpu_memory * GIB):.0f}% used)")
+    if plan.cpu_bytes_per_node:
+        lines.append(f"CPU memory per node for offloaded states: {plan.cpu_bytes_per_node / GIB:.2f} GiB")
+    if ds is not None:
+        model_states = sum(b for what, b in plan.rows if what.startswith(("weights", "trained", "ZeRO")))
+        lines.append(
+            f"DeepSpeed's estimator (every parameter trained): {ds[1] / GIB:.2f} GiB per GPU, {ds[0] / GIB:.2f} GiB "
+            f"CPU; ours for these model states: {model_states / GIB:.2f} GiB"
+            + (" (LoRA trains a small fraction, which DeepSpeed's estimator does not model)"
+               if recipe.lora.method == "lora" else "")
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune.plan", description=__doc__.split("\n")[0])
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs (or CPU processes) per node")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU, to say whether it fits")
+    parser.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=None, help="override the launch config")
+    parser.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--device", choices=("gpu", "cpu"), default="gpu")
+    args = parser.parse_intermixed_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)
+    config, source = load_model_config(recipe.model)
+    counts = count_parameters(recipe, config)
+    stage, off_opt, off_param = zero_settings(recipe, args.zero, args.offload)
+    world = args.gpus * args.nodes
+    plan = estimate(recipe, config, counts, world, args.nodes, stage, off_opt, off_param, args.device)
+    ds = deepspeed_estimate(counts, args.gpus, args.nodes, stage, off_opt, off_param) if args.device == "gpu" else None
+    print(render(recipe, source, counts, plan, args, stage, off_opt, off_param, ds))
+    return 0
+
+
+if __name__ == "__main__":
+    from finetune.cli import run_guarded
+
+    sys.exit(run_guarded(main))
