@@ -236,7 +236,8 @@ def _build(cls, data: Any, source: str, prefix: str):
             extra[key] = value
             continue
         kwargs[key] = _convert(hints[key], value, source, prefix + key)
-    if cls is LoraSection:
+    if cls is LoraSection:  # null unsets a key (so an override can drop `r` when switching to full)
+        extra = {k: v for k, v in extra.items() if v is not None}
         kwargs["peft"] = _check_foreign(extra, _lora_config_class(), OWNED_LORA_KEYS, source, "lora.")
     elif extra:
         key = next(iter(extra))

@@ -43,9 +43,19 @@ def trainer_args(recipe: Recipe):
         kwargs["use_cpu"] = True
     check_wandb_login(recipe, kwargs.get("report_to"))
     try:
-        return trainer_config_class(recipe.kind)(**kwargs)
+        args = trainer_config_class(recipe.kind)(**kwargs)
     except (ValueError, TypeError) as err:
         raise RecipeError(f"{recipe.source}: the train section is not valid: {err}") from None
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if recipe.lora.method == "full" and args.gradient_checkpointing and is_deepspeed_zero3_enabled():
+        # Measured here: torch's checkpoint recompute sees the parameters ZeRO-3 released and fails with
+        # "a different number of tensors was saved" (LoRA, whose trained weights ZeRO-3 keeps, is fine).
+        raise RecipeError(
+            f"{recipe.source}: lora.method: full under DeepSpeed ZeRO-3 fails with gradient checkpointing; "
+            "set train.gradient_checkpointing=false, or use lora.method: lora"
+        )
+    return args
 
 
 def relaunch_with_accelerate(recipe: Recipe, recipe_path: str, overrides: list[str]) -> int | None:

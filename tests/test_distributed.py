@@ -149,3 +149,24 @@ def test_recipe_launch_config_relaunches_under_accelerate(tiny_model_dir, four_r
     assert "launching: accelerate launch --config_file recipes/accelerate/cpu_zero3.yaml" in proc.stdout
     assert "x 2 processes" in proc.stdout
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_zero3_full_finetune_saves_consolidated_16bit_weights(tiny_model_dir, four_rows, tmp_path):
+    from finetune.tiny import checkpoint_keys
+
+    out = tmp_path / "full"
+    overrides = overrides_for(tiny_model_dir, out, four_rows, per_device_train_batch_size=2, max_steps=1)
+    launch("sft", "recipes/tiny/sft.yaml", [*overrides, "lora.method=full", "lora.r=null", "lora.lora_alpha=null", "lora.targets=[attention,router]",
+                                               "train.gradient_checkpointing=false"])
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert set(checkpoint_keys(out)) == set(checkpoint_keys(tiny_model_dir))  # original layout, nothing missing
+    trained = dict(saved.named_parameters())
+    for name, param in base.named_parameters():
+        assert trained[name].shape == param.shape and trained[name].numel() > 0
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(trained[q], dict(base.named_parameters())[q])  # trained group moved
+    e = "model.layers.0.mlp.experts.down_proj"
+    assert torch.equal(trained[e], dict(base.named_parameters())[e])  # frozen group did not
