@@ -26,6 +26,7 @@ def trainer_args(recipe: Recipe):
         "logging_steps": 10,
         "report_to": "none",
         "gradient_checkpointing": True,
+        "logging_first_step": True,  # the first step alone: DPO's must be ln 2, SFT's the base model's loss
         **recipe.train,
         "output_dir": recipe.output_dir,
         "max_length": recipe.data.max_length,
