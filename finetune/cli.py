@@ -15,6 +15,7 @@ PASSES = {
     "sft": "supervised fine-tuning (LoRA on attention, experts, router)",
     "dpo": "direct preference optimisation from the SFT adapter",
     "plan": "per-GPU memory plan for a recipe, before loading any weight",
+    "export": "merge adapters into the base checkpoint, shard by shard",
 }
 
 

@@ -1,0 +1,257 @@
+"""Merge LoRA adapters into the base checkpoint, one shard at a time, in the original Mixtral layout.
+
+    python -m finetune.export runs/tiny/dpo --out runs/tiny/merged [--base BASE] [--dtype bf16] [--no-verify]
+    python -m finetune.export SFT_ADAPTER FURTHER_ADAPTER --out OUT      # several adapters, merged in order
+
+Why by hand: PEFT's `merge_and_unload` + `save_pretrained` needs the whole model in memory (93 GB for
+Mixtral 8x7B in bf16). Here each base shard is read, the LoRA deltas of its tensors are added (attention
+q/k/v/o; per-expert w1/w3 from the fused gate_up delta, w2 from the down delta; the router replaced by
+the adapter's trained copy), the shard is written under the same name, and freed. Adapter tensors are
+read on demand. Peak memory is about one shard plus one expert's delta.
+
+Afterwards the export checks itself (unless --no-verify): the merged model and base + adapters (PEFT)
+give the same logits on a few prompts, and it fails on a mismatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "chat_template.jinja",
+                   "special_tokens_map.json")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
+ROUTER_KEY = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight$")
+
+
+class ExportError(ValueError):
+    """An adapter or base checkpoint that cannot be merged; the message says which and why."""
+
+
+class Adapter:
+    """One PEFT LoRA adapter folder, its tensors read on demand."""
+
+    def __init__(self, folder: str | Path, hidden: int, intermediate: int, experts: int):
+        self.folder = Path(folder)
+        config_file = self.folder / "adapter_config.json"
+        if not config_file.is_file():
+            raise ExportError(f"{self.folder}: no adapter_config.json")
+        self.config = json.loads(config_file.read_text())
+        for key in ("rank_pattern", "alpha_pattern"):
+            if self.config.get(key):
+                raise ExportError(f"{self.folder}: {key} is not supported by the streaming export")
+        if self.config.get("use_dora"):
+            raise ExportError(f"{self.folder}: DoRA adapters are not supported by the streaming export")
+        r = self.config["r"]
+        self.scale = self.config["lora_alpha"] / (r**0.5 if self.config.get("use_rslora") else r)
+        self.rank, self.experts = r, experts
+        self._file = safe_open(str(self.folder / "adapter_model.safetensors"), "pt")
+        keys = set(self._file.keys())
+        prefix = "base_model.model."
+        self.attention: dict[str, tuple[str, str]] = {}  # base weight key -> (A key, B key)
+        self.fused: dict[tuple[int, str], tuple[str, str]] = {}  # (layer, gate_up|down) -> (A, B)
+        self.routers: dict[int, str] = {}
+        for key in sorted(keys):
+            name = key[len(prefix):] if key.startswith(prefix) else key
+            if name.endswith("lora_A.weight"):
+                b_key = key.replace("lora_A.weight", "lora_B.weight")
+                stem = name[: -len("lora_A.weight")]
+                a_shape, b_shape = self._file.get_slice(key).get_shape(), self._file.get_slice(b_key).get_shape()
+                layer = re.search(r"layers\.(\d+)\.", name)
+                if ".mlp.experts." in name:
+                    if a_shape[1] == hidden and b_shape[0] == 2 * intermediate:
+                        self.fused[(int(layer.group(1)), "gate_up")] = (key, b_key)
+                    elif a_shape[1] == intermediate and b_shape[0] == hidden:
+                        self.fused[(int(layer.group(1)), "down")] = (key, b_key)
+                    else:
+                        raise ExportError(f"{self.folder}: cannot place expert LoRA {key} of shape {a_shape}")
+                else:
+                    self.attention[stem + "weight"] = (key, b_key)
+            elif re.search(r"\.mlp\.gate\.weight$", name):
+                self.routers[int(re.search(r"layers\.(\d+)\.", name).group(1))] = key
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self._file.get_tensor(key).float()
+
+    def expert_delta(self, layer: int, which: str, expert: int) -> torch.Tensor | None:
+        """scale * B_e @ A_e for one expert, in the fused (out, in) orientation (PEFT's layout)."""
+        keys = self.fused.get((layer, which))
+        if keys is None:
+            return None
+        a, b = self.tensor(keys[0]), self.tensor(keys[1])
+        a_e = a.reshape(self.experts, -1, a.shape[-1])[expert]  # rank x in
+        b_e = b.reshape(b.shape[0], -1, self.experts)[:, :, expert]  # out x rank
+        return self.scale * (b_e @ a_e)
+
+
+def merge_tensor(key: str, tensor: torch.Tensor, adapters: list[Adapter], intermediate: int) -> torch.Tensor:
+    """The base tensor with every adapter's contribution, in adapter order (fp32 maths)."""
+    merged = None
+    expert = EXPERT_KEY.match(key)
+    router = ROUTER_KEY.match(key)
+    for adapter in adapters:
+        delta = None
+        if key in adapter.attention:
+            a_key, b_key = adapter.attention[key]
+            delta = adapter.scale * (adapter.tensor(b_key) @ adapter.tensor(a_key))
+        elif expert:
+            layer, index, name = int(expert.group(1)), int(expert.group(2)), expert.group(3)
+            if name == "w2":
+                delta = adapter.expert_delta(layer, "down", index)
+            else:
+                fused = adapter.expert_delta(layer, "gate_up", index)  # gate rows first, then up
+                if fused is not None:
+                    delta = fused[:intermediate] if name == "w1" else fused[intermediate:]
+        elif router and int(router.group(1)) in adapter.routers:
+            merged = adapter.tensor(adapter.routers[int(router.group(1))])  # trained in full: replaces
+            continue
+        if delta is not None:
+            merged = (tensor.float() if merged is None else merged) + delta
+    return tensor if merged is None else merged
+
+
+def base_files(base: str) -> Path:
+    folder = Path(base)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(base, allow_patterns=["*.safetensors", "*.json", "tokenizer.model"]))
+        except Exception as err:
+            raise ExportError(f"cannot find the base model {base!r} (not a folder; Hub: {err})") from None
+    if not any(folder.glob("*.safetensors")):
+        raise ExportError(f"{folder}: no safetensors files")
+    return folder
+
+
+def export(adapters: list[str], out: str | Path, base: str | None = None, dtype: str | None = None,
+           progress: bool = True) -> Path:
+    out = Path(out)
+    for adapter in adapters:
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise ExportError(f"{adapter}: no adapter_config.json (not a PEFT adapter folder)")
+    first = json.loads((Path(adapters[0]) / "adapter_config.json").read_text()) if adapters else {}
+    base = base or first.get("base_model_name_or_path")
+    if not base:
+        raise ExportError("no --base given and the adapter records no base model")
+    base_dir = base_files(base)
+    config = json.loads((base_dir / "config.json").read_text())
+    hidden, intermediate, experts = config["hidden_size"], config["intermediate_size"], config["num_local_experts"]
+    loaded = [Adapter(a, hidden, intermediate, experts) for a in adapters]
+    index_file = base_dir / "model.safetensors.index.json"
+    shards = sorted(set(json.loads(index_file.read_text())["weight_map"].values())) if index_file.is_file() else [
+        "model.safetensors"
+    ]
+    with safe_open(str(base_dir / shards[0]), "pt") as f:
+        if any("gate_up_proj" in k for k in f.keys()):
+            raise ExportError(f"{base_dir}: fused expert layout; save it with transformers' save_pretrained first")
+    out.mkdir(parents=True, exist_ok=True)
+    target = DTYPES[dtype] if dtype else None
+    total_size, weight_map = 0, {}
+    for shard in tqdm(shards, desc="merging shards", unit=" shard", disable=not progress):
+        tensors = {}
+        with safe_open(str(base_dir / shard), "pt") as f:
+            for key in f.keys():
+                tensor = merge_tensor(key, f.get_tensor(key), loaded, intermediate)
+                original_dtype = f.get_slice(key).get_dtype()
+                cast = target or getattr(torch, {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[original_dtype])
+                tensors[key] = tensor.to(cast).contiguous()
+                total_size += tensors[key].numel() * tensors[key].element_size()
+                weight_map[key] = shard
+        save_file(tensors, str(out / shard), metadata={"format": "pt"})
+        del tensors
+    if index_file.is_file():
+        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / index_file.name).write_text(json.dumps(index, indent=2) + "\n")
+    if dtype:
+        config["torch_dtype"] = config["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if (base_dir / "generation_config.json").is_file():
+        shutil.copy(base_dir / "generation_config.json", out)
+    tokenizer_source = Path(adapters[-1]) if adapters and (Path(adapters[-1]) / "tokenizer.json").is_file() else base_dir
+    for name in TOKENIZER_FILES:
+        if (tokenizer_source / name).is_file():
+            shutil.copy(tokenizer_source / name, out)
+    write_model_card(out, base, adapters)
+    return out
+
+
+def write_model_card(out: Path, base: str, adapters: list[str]) -> None:
+    lines = ["---", f"base_model: {base}", "library_name: transformers", "tags: [mixtral, moe, merged-lora]", "---", "",
+             f"# {out.name}", "", f"{base} with these LoRA adapters merged in, in order:", ""]
+    for adapter in adapters:
+        recipe = Path(adapter) / "recipe.yaml"
+        lines.append(f"- `{Path(adapter).name}`" + (" (recipe below)" if recipe.is_file() else ""))
+    for adapter in adapters:
+        recipe = Path(adapter) / "recipe.yaml"
+        if recipe.is_file():
+            lines += ["", f"## {Path(adapter).name}", "", "```yaml", recipe.read_text().strip(), "```"]
+    lines += ["", "Weights are in the original Mixtral layout (`block_sparse_moe.experts.K.w1/w2/w3`)."]
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def verify(out: Path, adapters: list[str], base: str, prompts: list[list[int]]) -> float:
+    """Max |logit difference| between the merged model and base + adapters applied by PEFT."""
+    if not adapters:
+        raise ExportError("nothing to verify: no adapters")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    for adapter in adapters[:-1]:
+        reference = PeftModel.from_pretrained(reference, adapter).merge_and_unload()
+    # The last adapter stays unmerged: PEFT applies it at run time, independently of any merge code.
+    reference = PeftModel.from_pretrained(reference, adapters[-1])
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    worst = 0.0
+    with torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            worst = max(worst, (merged(input_ids=x).logits - reference.eval()(input_ids=x).logits).abs().max().item())
+    return worst
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune.export", description=__doc__.split("\n")[0])
+    parser.add_argument("adapters", nargs="+", help="adapter folders, merged in this order")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--base", default=None, help="base model (default: the first adapter's recorded base)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the base's dtypes")
+    parser.add_argument("--no-verify", action="store_true", help="skip the logits check (it loads two models)")
+    parser.add_argument("--tolerance", type=float, default=None, help="max |logit diff| (default 1e-3, bf16/fp16 0.1)")
+    args = parser.parse_args(argv)
+    try:
+        out = export(args.adapters, args.out, args.base, args.dtype)
+    except ExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"merged model written to {out}")
+    if args.no_verify:
+        return 0
+    from finetune.chat_format import ChatEncoder, find_sentencepiece
+
+    encoder = ChatEncoder(find_sentencepiece(str(out)))
+    prompts = [encoder.encode_prompt([{"role": "user", "content": text}]) for text in
+               ("What is 12 + 30?", "Écris « pomme » à l'envers.", "List the letters of 'tiger' separated by commas.")]
+    base = args.base or json.loads((Path(args.adapters[0]) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    worst = verify(out, args.adapters, base, prompts)
+    tolerance = args.tolerance or (0.1 if args.dtype in ("bf16", "fp16") else 1e-3)
+    print(f"verification: max |logit difference| merged vs base + adapters = {worst:.2e} (tolerance {tolerance:g})")
+    if worst > tolerance:
+        print("error: the merged model does not reproduce base + adapters", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
