@@ -16,6 +16,7 @@ PASSES = {
     "dpo": "direct preference optimisation from the SFT adapter",
     "plan": "per-GPU memory plan for a recipe, before loading any weight",
     "export": "merge adapters into the base checkpoint, shard by shard",
+    "push": "push an adapter or merged folder to the Hugging Face Hub",
 }
 
 

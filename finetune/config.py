@@ -123,6 +123,18 @@ class DPOSection:
 
 
 @dataclass
+class HubSection:
+    """Push the output folder to the Hugging Face Hub at the end of the pass (main process only)."""
+
+    repo_id: str | None = None
+    """ORG/NAME to push to; None: no push."""
+    private: bool = False
+    """Create the repository as private."""
+    revision: str | None = None
+    """Branch to push to (created if missing); None: main."""
+
+
+@dataclass
 class Recipe:
     """A whole recipe; `kind` says which pass it is for."""
 
@@ -140,6 +152,7 @@ class Recipe:
     moe: MoEConfig = field(default_factory=MoEConfig)
     dpo: DPOSection = field(default_factory=DPOSection)
     """DPO only: start point."""
+    hub: HubSection = field(default_factory=HubSection)
     train: dict[str, Any] = field(default_factory=dict)
     """TRL `SFTConfig` / `DPOConfig` fields (learning_rate, max_steps, ...), checked by name and type."""
     launch: str | None = None
@@ -169,6 +182,8 @@ OWNED_TRAIN_KEYS = {
     "pad_token": "nothing: pad is <unk>, never EOS",
     "eos_token": "nothing: EOS comes from the tokenizer",
     "resume_from_checkpoint": "resume",
+    "push_to_hub": "hub.repo_id",
+    "hub_model_id": "hub.repo_id",
 }
 # Keys that may differ between an interrupted run and the run that continues it.
 RUN_CONTROL_KEYS = ("resume", "stop_after_steps", "launch")
@@ -402,6 +417,8 @@ def validate(recipe: Recipe) -> None:
     for key in ("aux_loss_coef", "z_loss_coef"):
         if getattr(recipe.moe, key) < 0:
             raise RecipeError(f"{src}: moe.{key} must be >= 0, got {getattr(recipe.moe, key)}")
+    if recipe.hub.repo_id is not None and recipe.hub.repo_id.count("/") != 1:
+        raise RecipeError(f"{src}: hub.repo_id must look like ORG/NAME, got {recipe.hub.repo_id!r}")
     if recipe.launch is not None and not Path(recipe.launch).is_file():
         raise RecipeError(f"{src}: launch={recipe.launch!r}: no such accelerate config")
     if recipe.stop_after_steps is not None and recipe.stop_after_steps < 1:

@@ -47,6 +47,7 @@ from finetune.runs import (
     Throughput,
     check_eval_split,
     describe_batch,
+    push_outputs,
     relaunch_with_accelerate,
     resume_checkpoint,
     save_outputs,
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     save_outputs(trainer, recipe, encoder)
     if is_main:
         print(f"DPO adapter written to {recipe.output_dir}")
-    return 0
+    return push_outputs(recipe, is_main)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@
 Why by hand: PEFT's `merge_and_unload` + `save_pretrained` needs the whole model in memory (93 GB for
 Mixtral 8x7B in bf16). Here each base shard is read, the LoRA deltas of its tensors are added (attention
 q/k/v/o; per-expert w1/w3 from the fused gate_up delta, w2 from the down delta; the router replaced by
-the adapter's trained copy), the shard is written under the same name, and freed. Adapter tensors are
-read on demand. Peak memory is about one shard plus one expert's delta.
+the adapter's trained copy), the shard is written under the same name in the original per-expert
+layout (a base saved with fused experts is split), and freed. Adapter tensors are read on demand. Peak
+memory is about one shard plus one expert's delta.
 
 Afterwards the export checks itself (unless --no-verify): the merged model and base + adapters (PEFT)
 give the same logits on a few prompts, and it fails on a mismatch.
@@ -32,6 +33,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
 ROUTER_KEY = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight$")
+FUSED_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+FUSED_ROUTER_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.weight$")
 
 
 class ExportError(ValueError):
@@ -120,6 +123,27 @@ def merge_tensor(key: str, tensor: torch.Tensor, adapters: list[Adapter], interm
     return tensor if merged is None else merged
 
 
+def original_layout(key: str, tensor: torch.Tensor, adapters: list[Adapter], intermediate: int):
+    """(name, merged tensor) pairs in the original Mixtral layout for one base tensor. A fused expert stack
+    (transformers 5's in-memory layout: gate_up_proj [E, 2I, H], gate rows first; down_proj [E, H, I]) is
+    merged expert by expert and split into w1 / w3 / w2; its router is renamed to block_sparse_moe.gate."""
+    fused = FUSED_KEY.match(key)
+    if fused:
+        layer, which = fused.group(1), fused.group(2)
+        for expert in range(tensor.shape[0]):
+            prefix = f"model.layers.{layer}.block_sparse_moe.experts.{expert}"
+            if which == "down_proj":
+                yield f"{prefix}.w2.weight", merge_tensor(f"{prefix}.w2.weight", tensor[expert], adapters, intermediate)
+            else:
+                for name, rows in (("w1", tensor[expert][:intermediate]), ("w3", tensor[expert][intermediate:])):
+                    yield f"{prefix}.{name}.weight", merge_tensor(f"{prefix}.{name}.weight", rows, adapters, intermediate)
+        return
+    router = FUSED_ROUTER_KEY.match(key)
+    if router:
+        key = f"model.layers.{router.group(1)}.block_sparse_moe.gate.weight"
+    yield key, merge_tensor(key, tensor, adapters, intermediate)
+
+
 def base_files(base: str) -> Path:
     folder = Path(base)
     if not folder.is_dir():
@@ -152,22 +176,19 @@ def export(adapters: list[str], out: str | Path, base: str | None = None, dtype:
     shards = sorted(set(json.loads(index_file.read_text())["weight_map"].values())) if index_file.is_file() else [
         "model.safetensors"
     ]
-    with safe_open(str(base_dir / shards[0]), "pt") as f:
-        if any("gate_up_proj" in k for k in f.keys()):
-            raise ExportError(f"{base_dir}: fused expert layout; save it with transformers' save_pretrained first")
     out.mkdir(parents=True, exist_ok=True)
     target = DTYPES[dtype] if dtype else None
     total_size, weight_map = 0, {}
     for shard in tqdm(shards, desc="merging shards", unit=" shard", disable=not progress):
         tensors = {}
         with safe_open(str(base_dir / shard), "pt") as f:
-            for key in f.keys():
-                tensor = merge_tensor(key, f.get_tensor(key), loaded, intermediate)
-                original_dtype = f.get_slice(key).get_dtype()
+            for base_key in f.keys():
+                original_dtype = f.get_slice(base_key).get_dtype()
                 cast = target or getattr(torch, {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[original_dtype])
-                tensors[key] = tensor.to(cast).contiguous()
-                total_size += tensors[key].numel() * tensors[key].element_size()
-                weight_map[key] = shard
+                for key, tensor in original_layout(base_key, f.get_tensor(base_key), loaded, intermediate):
+                    tensors[key] = tensor.to(cast).contiguous()
+                    total_size += tensors[key].numel() * tensors[key].element_size()
+                    weight_map[key] = shard
         save_file(tensors, str(out / shard), metadata={"format": "pt"})
         del tensors
     if index_file.is_file():

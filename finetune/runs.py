@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
+from finetune.card import adapter_card
 from finetune.chat_format import ChatEncoder, save_tokenizer
 from finetune.config import RUN_CONTROL_KEYS, Recipe, RecipeError, dump_yaml, parse_yaml, to_dict, trainer_config_class
 from finetune.model import use_bf16
@@ -229,11 +231,28 @@ def save_outputs(trainer, recipe: Recipe, encoder: ChatEncoder) -> None:
         save_tokenizer(encoder.path, out)
         dump_yaml(recipe, out / RECIPE_FILE)
         trainer.state.save_to_json(str(out / "trainer_state.json"))
+        (out / "README.md").write_text(adapter_card(recipe, trainer.state.log_history))
     trainer.accelerator.wait_for_everyone()
     if "wandb" in (trainer.args.report_to or []) and trainer.is_world_process_zero():
         import wandb
 
         wandb.finish()  # flush the run now (transformers leaves it open until the interpreter exits)
+
+
+def push_outputs(recipe: Recipe, is_main: bool) -> int:
+    """Push output_dir to `hub.repo_id` from the main process only (after saving; the other ranks have
+    nothing to wait for). The exit code: 0, or 1 when the upload failed (the local folder is intact)."""
+    if recipe.hub.repo_id is None or not is_main:
+        return 0
+    from finetune.push import PushError, push
+
+    try:
+        url = push(recipe.output_dir, recipe.hub.repo_id, recipe.hub.private, recipe.hub.revision)
+    except PushError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"pushed {recipe.output_dir} to {url}")
+    return 0
 
 
 def write_recipe(recipe: Recipe, is_main: bool) -> None:

@@ -86,3 +86,30 @@ def test_cli_dtype_and_verification(sharded_base, adapter, tmp_path, capsys):
 def test_bad_adapter_is_a_clear_error(tmp_path, capsys, sharded_base):
     assert export_main([str(tmp_path), "--out", str(tmp_path / "o"), "--base", str(sharded_base)]) == 2
     assert "no adapter_config.json" in capsys.readouterr().err
+
+
+def test_fused_base_checkpoint_is_merged_and_written_in_original_layout(sharded_base, adapter, tmp_path):
+    """A base saved in transformers 5's fused in-memory layout (experts.gate_up_proj / down_proj)."""
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    state = AutoModelForCausalLM.from_pretrained(sharded_base).state_dict()
+    assert any(k.endswith("experts.gate_up_proj") for k in state)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(fused / "model.safetensors"))
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(sharded_base / name, fused)
+    out = export([str(adapter)], tmp_path / "merged", base=str(fused), progress=False)
+    assert checkpoint_keys(out) == checkpoint_keys(sharded_base)  # original per-expert layout
+    reference = export([str(adapter)], tmp_path / "from-original", progress=False)
+    a, b = tensors_single(out), tensors(reference)
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def tensors_single(folder):
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}

@@ -1,0 +1,76 @@
+"""Push an adapter or merged-model folder to the Hugging Face Hub.
+
+    python -m finetune.push runs/tiny/dpo --repo-id ORG/NAME [--private] [--revision BRANCH]
+
+The token comes from the usual places (HF_TOKEN, or `huggingface-cli login`) and is never written or
+printed. The folder is uploaded as it is, model card (README.md) included; nothing in it is changed,
+so a failed upload leaves it intact, says why, and exits non-zero. Folders over 20 GiB go through
+`upload_large_folder` (resumable, several commits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+LARGE_FOLDER_BYTES = 20 * 1024**3
+
+
+class PushError(RuntimeError):
+    """The upload did not complete; the local folder is untouched."""
+
+
+CHECKPOINTS = ["checkpoint-*/**", "checkpoint-*"]
+
+
+def push(folder: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
+         include_checkpoints: bool = False) -> str:
+    """Upload `folder` to `repo_id` (training checkpoints left out unless asked); returns the commit URL
+    (or the repository URL for large folders)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    folder = Path(folder)
+    if not folder.is_dir() or not any(folder.iterdir()):
+        raise PushError(f"{folder}: not a folder with files to push")
+    if repo_id.count("/") != 1:
+        raise PushError(f"--repo-id must look like ORG/NAME, got {repo_id!r}")
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        ignore = None if include_checkpoints else CHECKPOINTS
+        size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        if size > LARGE_FOLDER_BYTES:
+            api.upload_large_folder(repo_id=repo_id, folder_path=folder, revision=revision, repo_type="model",
+                                    ignore_patterns=ignore)
+            return f"{api.endpoint}/{repo_id}"
+        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, ignore_patterns=ignore,
+                                   commit_message=f"Upload {folder.name} with mixtral-finetune")
+        return commit.commit_url
+    except (HfHubHTTPError, OSError) as err:
+        raise PushError(f"upload of {folder} to {repo_id} failed ({type(err).__name__}: {err}); "
+                        "the local folder is intact") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune.push", description=__doc__.split("\n")[0])
+    parser.add_argument("folder")
+    parser.add_argument("--repo-id", required=True)
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--revision", default=None, help="branch to push to (created if missing)")
+    parser.add_argument("--include-checkpoints", action="store_true", help="also upload checkpoint-* folders")
+    args = parser.parse_args(argv)
+    try:
+        url = push(args.folder, args.repo_id, args.private, args.revision, args.include_checkpoints)
+    except PushError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"pushed {args.folder} to {url}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Hub push against a real HTTP server on 127.0.0.1 that huggingface_hub talks to."""
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import tiny_overrides
+from hub_server import HubServer
+
+TOKEN = "hf_test_token_never_written_anywhere"
+
+
+def folder_files(folder: Path, checkpoints: bool = False) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and (checkpoints or not p.relative_to(folder).parts[0].startswith("checkpoint-"))
+    }
+
+
+def run(args, hub, repo_root, **kw):
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_TELEMETRY": "1",
+           "HF_HUB_ETAG_TIMEOUT": "5", "HF_HUB_DOWNLOAD_TIMEOUT": "5"}
+    return subprocess.run([sys.executable, *args], cwd=repo_root, env=env, capture_output=True, text=True,
+                          timeout=300, **kw)
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory):
+    from finetune.sft import main as sft_main
+
+    out = tmp_path_factory.mktemp("push") / "sft"
+    assert sft_main(["recipes/tiny/sft.yaml", *tiny_overrides(tiny_model_dir, out, max_steps=2,
+                                                              save_strategy="steps", save_steps=2)]) == 0
+    assert (out / "checkpoint-2").is_dir()
+    return out
+
+
+def test_push_commits_exactly_the_folder(adapter_dir, repo_root):
+    before = folder_files(adapter_dir, checkpoints=True)
+    with HubServer() as hub:
+        proc = run(["-m", "finetune.push", str(adapter_dir), "--repo-id", "org/tiny-sft", "--private",
+                    "--revision", "v1"], hub, repo_root)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        repo = hub.state.repos["org/tiny-sft"]
+        committed = {path: hashlib.sha256(data).hexdigest() for path, data in repo["branches"]["v1"].items()}
+    assert repo["private"] is True
+    assert committed == folder_files(adapter_dir)  # every file, byte for byte; training checkpoints left out
+    assert any(a == f"Bearer {TOKEN}" for a in hub.state.authorization)
+    assert TOKEN not in proc.stdout + proc.stderr
+    assert folder_files(adapter_dir, checkpoints=True) == before
+    assert not any(TOKEN.encode() in p.read_bytes() for p in adapter_dir.rglob("*") if p.is_file())
+
+
+def test_failing_hub_leaves_folder_intact_and_exits_nonzero(adapter_dir, repo_root):
+    before = folder_files(adapter_dir, checkpoints=True)
+    with HubServer(fail_with=500) as hub:
+        proc = run(["-m", "finetune.push", str(adapter_dir), "--repo-id", "org/tiny-sft"], hub, repo_root)
+    assert proc.returncode == 1
+    assert "failed" in proc.stderr and "the local folder is intact" in proc.stderr
+    assert "Traceback" not in proc.stderr and TOKEN not in proc.stderr
+    assert folder_files(adapter_dir, checkpoints=True) == before
+
+
+def test_model_card_records_the_run(adapter_dir):
+    card = (adapter_dir / "README.md").read_text()
+    for expected in ("base_model:", "data/chat/train.jsonl", "lora on attention, experts, router", "| router | trainable |",
+                     "| load-balancing loss coefficient | 0.02 |", "| router z-loss coefficient | 0.0 |",
+                     "| aux_loss |", "| loss |", "kind: sft"):
+        assert expected in card, expected
+
+
+def test_recipe_pushes_at_the_end_of_training(tiny_model_dir, tmp_path, repo_root):
+    out = tmp_path / "sft"
+    with HubServer() as hub:
+        proc = run(["-m", "finetune.sft", "recipes/tiny/sft.yaml", *tiny_overrides(tiny_model_dir, out, max_steps=1),
+                    "hub.repo_id=org/pushed"], hub, repo_root)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        files = set(hub.state.repos["org/pushed"]["branches"]["main"])
+    assert files == set(folder_files(out))
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "recipe.yaml"} <= files
+    with HubServer(fail_with=503) as hub:
+        proc = run(["-m", "finetune.sft", "recipes/tiny/sft.yaml", *tiny_overrides(tiny_model_dir, tmp_path / "b", max_steps=1),
+                    "hub.repo_id=org/pushed"], hub, repo_root)
+    assert proc.returncode == 1 and "the local folder is intact" in proc.stderr
+    assert (tmp_path / "b" / "adapter_model.safetensors").is_file()
