@@ -14,7 +14,16 @@ from transformers import TrainerCallback
 
 from finetune.card import adapter_card
 from finetune.chat_format import ChatEncoder, save_tokenizer
-from finetune.config import RUN_CONTROL_KEYS, Recipe, RecipeError, dump_yaml, parse_yaml, to_dict, trainer_config_class
+from finetune.config import (
+    RUN_CONTROL_KEYS,
+    Recipe,
+    RecipeError,
+    dump_yaml,
+    load_recipe,
+    parse_yaml,
+    to_dict,
+    trainer_config_class,
+)
 from finetune.model import use_bf16
 from finetune.moe import RouterTap, add_router_losses, router_losses
 
@@ -67,7 +76,6 @@ def relaunch_with_accelerate(recipe: Recipe, recipe_path: str, overrides: list[s
     if recipe.launch is None or os.environ.get("FINETUNE_LAUNCHED") or "LOCAL_RANK" in os.environ:
         return None
     import subprocess
-    import sys
 
     command = ["accelerate", "launch", "--config_file", recipe.launch, "-m", f"finetune.{recipe.kind}",
                recipe_path, *overrides]
@@ -259,3 +267,37 @@ def write_recipe(recipe: Recipe, is_main: bool) -> None:
     if is_main:
         Path(recipe.output_dir).mkdir(parents=True, exist_ok=True)
         dump_yaml(recipe, Path(recipe.output_dir) / RECIPE_FILE)
+
+
+def run_pass(kind: str, build, description: str, argv: list[str] | None = None) -> int:
+    """What `python -m finetune.sft` / `finetune.dpo` do, with the pass's own `build(recipe)`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"python -m finetune.{kind}", description=description)
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=5")
+    cli = parser.parse_args(argv)
+
+    # 1. Recipe: every key checked, TRL's arguments built, before anything heavy happens.
+    recipe = load_recipe(cli.recipe, cli.overrides, expect_kind=kind)
+    trainer_args(recipe)
+    launched = relaunch_with_accelerate(recipe, cli.recipe, cli.overrides)
+    if launched is not None:
+        return launched
+    resume_from = resume_checkpoint(recipe)
+
+    # 2. Data, model and trainer: the pass's recipe.
+    trainer, encoder = build(recipe)
+    is_main = trainer.is_world_process_zero()
+
+    # 3. Train (continuing the same run when output_dir holds its checkpoints).
+    write_recipe(recipe, is_main)
+    if resume_from and is_main:
+        print(f"resuming from {resume_from}")
+    trainer.train(resume_from_checkpoint=resume_from)
+
+    # 4. Save (adapter, tokenizer, resolved recipe, log history, model card), then push if asked.
+    save_outputs(trainer, recipe, encoder)
+    if is_main:
+        print(f"{kind.upper()} adapter written to {recipe.output_dir}")
+    return push_outputs(recipe, is_main)

@@ -11,7 +11,6 @@ template, the resolved recipe (`recipe.yaml`) and the training log (`trainer_sta
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from transformers import set_seed
@@ -19,7 +18,7 @@ from trl import SFTTrainer
 
 from finetune.chat_format import ChatEncoder
 from finetune.check import encoder_for
-from finetune.config import Recipe, load_recipe
+from finetune.config import Recipe
 from finetune.data import prepare, sample_lengths
 from finetune.losses import use_compact_lm_head
 from finetune.model import apply_method, load_base_model, router_loss_warning, trainable_table
@@ -29,12 +28,8 @@ from finetune.runs import (
     Throughput,
     check_eval_split,
     describe_batch,
-    push_outputs,
-    relaunch_with_accelerate,
-    resume_checkpoint,
-    save_outputs,
+    run_pass,
     trainer_args,
-    write_recipe,
 )
 
 
@@ -96,34 +91,7 @@ def build(recipe: Recipe, resume_from: str | None = None) -> tuple[MoESFTTrainer
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m finetune.sft", description=__doc__.split("\n")[0])
-    parser.add_argument("recipe")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=5")
-    cli = parser.parse_args(argv)
-
-    # 1. Recipe: every key checked, TRL's arguments built, before anything heavy happens.
-    recipe = load_recipe(cli.recipe, cli.overrides, expect_kind="sft")
-    trainer_args(recipe)
-    launched = relaunch_with_accelerate(recipe, cli.recipe, cli.overrides)
-    if launched is not None:
-        return launched
-    resume_from = resume_checkpoint(recipe)
-
-    # 2. Data, model and trainer.
-    trainer, encoder = build(recipe)
-    is_main = trainer.is_world_process_zero()
-
-    # 3. Train (continuing the same run when output_dir holds its checkpoints).
-    write_recipe(recipe, is_main)
-    if resume_from and is_main:
-        print(f"resuming from {resume_from}")
-    trainer.train(resume_from_checkpoint=resume_from)
-
-    # 4. Save: adapter, tokenizer, resolved recipe, log history.
-    save_outputs(trainer, recipe, encoder)
-    if is_main:
-        print(f"SFT adapter written to {recipe.output_dir}")
-    return push_outputs(recipe, is_main)
+    return run_pass("sft", build, __doc__.split("\n")[0], argv)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from finetune.tiny import checkpoint_keys, make_tiny_mixtral
