@@ -100,13 +100,19 @@ def router_z_loss(logits: list[torch.Tensor], attention_mask=None) -> torch.Tens
     return torch.stack(per_layer).mean()
 
 
-def router_losses(tap: RouterTap, attention_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(aux, z) for the logits collected since the last call."""
+def policy_logits(tap: RouterTap) -> list[torch.Tensor]:
+    """The router logits of the policy's forward since the last call, one tensor per layer."""
     # The first forward of a training step is the policy's; DPO then runs the reference (another adapter of
     # the same model) through the same routers, which must not count.
     logits = tap.take()[: tap.num_layers]
     if len(logits) != tap.num_layers:
         raise RuntimeError(f"expected router logits from {tap.num_layers} layers, got {len(logits)}")
+    return logits
+
+
+def router_losses(tap: RouterTap, attention_mask=None, logits=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(aux, z) for the logits collected since the last call (or the `logits` given)."""
+    logits = policy_logits(tap) if logits is None else logits
     return (
         load_balancing_loss(logits, tap.num_experts, tap.top_k, attention_mask),
         router_z_loss(logits, attention_mask),
@@ -129,3 +135,38 @@ def reachability(model: nn.Module, groups_trainable: dict[str, bool]) -> str:
     if groups_trainable.get("experts") and len(moe_blocks(model)) > 1:
         reach.append("experts (through the hidden states of later layers' routers)")
     return ", ".join(reach)
+
+
+def expert_counts(logits: list[torch.Tensor], top_k: int, attention_mask=None) -> torch.Tensor:
+    """[layers, experts] number of real tokens each expert was chosen for (top-k), padding excluded."""
+    mask = token_mask(attention_mask, logits[0].shape[0], logits[0].device)
+    rows = []
+    for layer in logits:
+        chosen = layer.detach().topk(top_k, dim=-1).indices  # tokens x k
+        weights = mask.unsqueeze(1).expand_as(chosen).reshape(-1)
+        rows.append(torch.zeros(layer.shape[-1], device=layer.device).scatter_add_(0, chosen.reshape(-1), weights))
+    return torch.stack(rows)
+
+
+def entropy_sums(logits: list[torch.Tensor], attention_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """([layers] summed router entropy over real tokens, number of real tokens)."""
+    mask = token_mask(attention_mask, logits[0].shape[0], logits[0].device)
+    sums = []
+    for layer in logits:
+        log_p = torch.log_softmax(layer.detach().float(), dim=-1)
+        sums.append((-(log_p.exp() * log_p).sum(-1) * mask).sum())
+    return torch.stack(sums), mask.sum()
+
+
+def balance_stats(counts: torch.Tensor, dead_share: float = 0.01) -> dict[str, torch.Tensor]:
+    """Per layer, from [layers, experts] counts: share of routed tokens per expert, its coefficient of
+    variation, MaxVio (max load / mean load - 1) and the number of dead experts (share < 1%)."""
+    counts = counts.double()
+    share = counts / counts.sum(-1, keepdim=True).clamp(min=1)
+    mean = counts.mean(-1)
+    return {
+        "share": share,
+        "cv": counts.std(-1, unbiased=False) / mean.clamp(min=1e-12),
+        "maxvio": counts.max(-1).values / mean.clamp(min=1e-12) - 1,
+        "dead": (share < dead_share).sum(-1),
+    }

@@ -25,7 +25,15 @@ from finetune.config import (
     trainer_config_class,
 )
 from finetune.model import use_bf16
-from finetune.moe import RouterTap, add_router_losses, router_losses
+from finetune.moe import (
+    RouterTap,
+    add_router_losses,
+    balance_stats,
+    entropy_sums,
+    expert_counts,
+    policy_logits,
+    router_losses,
+)
 
 RECIPE_FILE = "recipe.yaml"
 
@@ -173,11 +181,15 @@ class RouterLossHook:
     def __init__(self, model, moe):
         self.tap = RouterTap(model)
         self.moe = moe
+        self.counts: dict[str, torch.Tensor] = {}  # mode -> [layers, experts] routed tokens since last log
+        self.entropy: dict[str, list[torch.Tensor]] = {}  # mode -> [per-layer entropy sums, token count]
 
     def add(self, trainer, loss, attention_mask, num_items_in_batch, log_task_loss_as: str | None = None):
         """loss + router losses; `log_task_loss_as` also logs the loss without them (e.g. `dpo_loss`)."""
-        aux, z = router_losses(self.tap, attention_mask)
+        logits = policy_logits(self.tap)
+        aux, z = router_losses(self.tap, attention_mask, logits)
         training = trainer.model.training
+        self._accumulate("train" if training else "eval", trainer, logits, attention_mask)
         # Where the trainer's loss is already scaled for gradient accumulation (SFT: divided by the tokens of
         # the accumulated batch), divide the router losses by the steps; where Trainer divides the whole loss
         # afterwards (DPO), add them as they are. Same rule as transformers' Trainer.training_step.
@@ -193,6 +205,55 @@ class RouterLossHook:
         if self.moe.z_loss_coef > 0:
             trainer._metrics[mode]["z_loss"].append(gather(z.detach().reshape(1)).mean().item())
         return add_router_losses(loss, aux, z, self.moe.aux_loss_coef, self.moe.z_loss_coef, steps)
+
+
+    def _accumulate(self, mode, trainer, logits, attention_mask):
+        # Summed over ranks as counts, so shares are over all routed tokens (not a mean of ratios).
+        counts = expert_counts(logits, self.tap.top_k, attention_mask)
+        entropy, tokens = entropy_sums(logits, attention_mask)
+        gather = trainer.accelerator.gather_for_metrics
+        world = trainer.accelerator.num_processes
+        counts = gather(counts.unsqueeze(0)).reshape(world, *counts.shape).sum(0).cpu()
+        entropy = gather(entropy.unsqueeze(0)).reshape(world, -1).sum(0).cpu()
+        tokens = gather(tokens.reshape(1)).sum().cpu()
+        self.counts[mode] = self.counts.get(mode, 0) + counts
+        previous = self.entropy.get(mode, [0, 0])
+        self.entropy[mode] = [previous[0] + entropy, previous[1] + tokens]
+
+    def router_stats(self, mode: str) -> dict[str, torch.Tensor] | None:
+        """Per-layer balance since the last call: share, cv, maxvio, dead, entropy (and resets)."""
+        if mode not in self.counts:
+            return None
+        stats = balance_stats(self.counts.pop(mode))
+        entropy, tokens = self.entropy.pop(mode)
+        stats["entropy"] = entropy / max(float(tokens), 1.0)
+        return stats
+
+    def add_router_stats(self, logs: dict, mode: str) -> dict:
+        """Compact summaries into the log line; every layer's values to wandb when it is running."""
+        stats = self.router_stats(mode)
+        if stats is None:
+            return logs
+        prefix = "eval_" if mode == "eval" else ""
+        logs[f"{prefix}router/maxvio_mean"] = stats["maxvio"].mean().item()
+        logs[f"{prefix}router/maxvio_max"] = stats["maxvio"].max().item()
+        logs[f"{prefix}router/cv_mean"] = stats["cv"].mean().item()
+        logs[f"{prefix}router/entropy_mean"] = stats["entropy"].mean().item()
+        logs[f"{prefix}router/dead_experts"] = int(stats["dead"].sum())
+        try:
+            import wandb
+
+            if wandb.run is not None:
+                per_layer = {}
+                for layer in range(stats["share"].shape[0]):
+                    for key in ("maxvio", "cv", "entropy", "dead"):
+                        per_layer[f"{prefix}router_layers/{key}/layer_{layer}"] = float(stats[key][layer])
+                    for expert, share in enumerate(stats["share"][layer].tolist()):
+                        per_layer[f"{prefix}router_layers/share/layer_{layer}/expert_{expert}"] = share
+                wandb.log(per_layer, commit=False)
+        except ImportError:
+            pass
+        return logs
 
 
 class Throughput:
