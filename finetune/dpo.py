@@ -29,25 +29,16 @@ from trl import DPOTrainer
 from finetune.chat_format import ChatEncoder
 from finetune.check import encoder_for
 from finetune.config import Recipe, RecipeError
-from finetune.data import prepare, sample_lengths
 from finetune.losses import use_compact_lm_head
-from finetune.model import (
-    ATTENTION_MODULES,
-    EXPERT_PARAMETERS,
-    ROUTER_MODULE,
-    apply_method,
-    load_base_model,
-    router_loss_warning,
-    trainable_table,
-)
+from finetune.model import ATTENTION_MODULES, EXPERT_PARAMETERS, ROUTER_MODULE, apply_method, load_base_model
 from finetune.runs import (
     RouterLossHook,
-    StopAfterSteps,
     Throughput,
-    check_eval_split,
-    describe_batch,
+    announce,
+    load_data,
     run_pass,
     trainer_args,
+    trainer_inputs,
 )
 
 REFERENCE_ADAPTER = "ref"
@@ -64,7 +55,6 @@ class MoEDPOTrainer(DPOTrainer):
         use_compact_lm_head(self.model)
         self.router_loss = RouterLossHook(self.model, moe)
         self.throughput = Throughput()
-        self.tokens_seen = 0
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         use_compact_lm_head(self.model)  # TRL precomputes inside __init__, after patching its own head
@@ -92,14 +82,11 @@ class MoEDPOTrainer(DPOTrainer):
         loss = self.router_loss.add(
             self, loss, inputs.get("attention_mask"), num_items_in_batch, log_task_loss_as="dpo_loss"
         )
-        if self.model.training:
-            local = inputs["attention_mask"].sum().reshape(1)
-            self.tokens_seen += self.accelerator.gather_for_metrics(local).sum().item()
         return (loss, result[1]) if return_outputs else loss
 
     def log(self, logs, start_time=None):
         logs = self.router_loss.add_router_stats(logs, "train" if self.model.training else "eval")
-        super().log(self.throughput.update(logs, self.state.global_step, self.tokens_seen), start_time)
+        super().log(self.throughput.update(logs, self.state.global_step, self._total_train_tokens), start_time)
 
 
 def load_policy(recipe: Recipe):
@@ -137,37 +124,17 @@ def check_same_adapter_shape(recipe: Recipe, adapter: dict) -> None:
 def build(recipe: Recipe) -> tuple[MoEDPOTrainer, ChatEncoder]:
     """Recipe -> data -> model -> trainer, printing what will train."""
     args = trainer_args(recipe)
-    is_main = args.process_index == 0
 
     # Data: Mixtral-Instruct prompt ids and reply ids (each reply ends with EOS).
     encoder = encoder_for(recipe)
-    data = prepare(recipe.data, "dpo", encoder, progress=is_main)
-    check_eval_split(recipe, args, len(data.eval))
-    if data.bad_rows and is_main:
-        print(f"skipped {len(data.bad_rows)} bad row(s): {dict(data.skipped_by_reason())}")
+    data = load_data(recipe, args, encoder)
 
     # Model: policy and reference both start as the SFT policy. Seeded first: PEFT draws the LoRA
     # initialisation of a fresh adapter from the global RNG.
     set_seed(args.seed)
     model = load_policy(recipe)
-    if is_main:
-        print(trainable_table(model, recipe))
-        warning = router_loss_warning(model, recipe)
-        if warning:
-            print(warning, file=sys.stderr)
-        print(describe_batch(args, sample_lengths(data.train), args.world_size))
-
-    from datasets import Dataset
-
-    trainer = MoEDPOTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(data.train),
-        eval_dataset=Dataset.from_list(data.eval) if data.eval else None,
-        processing_class=encoder.hf_tokenizer,
-        callbacks=[StopAfterSteps(recipe.stop_after_steps)] if recipe.stop_after_steps else None,
-        moe=recipe.moe,
-    )
+    announce(model, recipe, args, data)
+    trainer = MoEDPOTrainer(model=model, args=args, **trainer_inputs(recipe, data, encoder))
     return trainer, encoder
 
 

@@ -17,6 +17,7 @@ give the same logits on a few prompts, and it fails on a mismatch.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import shutil
@@ -86,15 +87,22 @@ class Adapter:
     def tensor(self, key: str) -> torch.Tensor:
         return self._file.get_tensor(key).float()
 
-    def expert_delta(self, layer: int, which: str, expert: int) -> torch.Tensor | None:
-        """scale * B_e @ A_e for one expert, in the fused (out, in) orientation (PEFT's layout)."""
+    @functools.lru_cache(maxsize=2)  # a layer's gate_up and down factors, while its shard is written
+    def expert_factors(self, layer: int, which: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A as experts x rank x in, B as out x rank x experts), read once per layer (PEFT's layout)."""
         keys = self.fused.get((layer, which))
         if keys is None:
             return None
         a, b = self.tensor(keys[0]), self.tensor(keys[1])
-        a_e = a.reshape(self.experts, -1, a.shape[-1])[expert]  # rank x in
-        b_e = b.reshape(b.shape[0], -1, self.experts)[:, :, expert]  # out x rank
-        return self.scale * (b_e @ a_e)
+        return a.reshape(self.experts, -1, a.shape[-1]), b.reshape(b.shape[0], -1, self.experts)
+
+    def expert_delta(self, layer: int, which: str, expert: int, rows: slice = slice(None)) -> torch.Tensor | None:
+        """scale * B_e[rows] @ A_e for one expert, in the fused (out, in) orientation."""
+        factors = self.expert_factors(layer, which)
+        if factors is None:
+            return None
+        a, b = factors
+        return self.scale * (b[rows, :, expert] @ a[expert])
 
 
 def merge_tensor(key: str, tensor: torch.Tensor, adapters: list[Adapter], intermediate: int) -> torch.Tensor:
@@ -111,10 +119,9 @@ def merge_tensor(key: str, tensor: torch.Tensor, adapters: list[Adapter], interm
             layer, index, name = int(expert.group(1)), int(expert.group(2)), expert.group(3)
             if name == "w2":
                 delta = adapter.expert_delta(layer, "down", index)
-            else:
-                fused = adapter.expert_delta(layer, "gate_up", index)  # gate rows first, then up
-                if fused is not None:
-                    delta = fused[:intermediate] if name == "w1" else fused[intermediate:]
+            else:  # the fused gate_up rows: gate first, then up
+                rows = slice(None, intermediate) if name == "w1" else slice(intermediate, None)
+                delta = adapter.expert_delta(layer, "gate_up", index, rows)
         elif router and int(router.group(1)) in adapter.routers:
             merged = adapter.tensor(adapter.routers[int(router.group(1))])  # trained in full: replaces
             continue

@@ -107,12 +107,47 @@ def check_wandb_login(recipe: Recipe, report_to) -> None:
     )
 
 
-def check_eval_split(recipe: Recipe, args, eval_samples: int) -> None:
-    if str(args.eval_strategy) not in ("no", "IntervalStrategy.NO") and eval_samples == 0:
+def load_data(recipe: Recipe, args, encoder: ChatEncoder):
+    """The recipe's data, validated and encoded (finetune.data), with skipped rows reported."""
+    from finetune.data import prepare
+
+    is_main = args.process_index == 0
+    data = prepare(recipe.data, recipe.kind, encoder, progress=is_main)
+    if args.eval_strategy != "no" and not data.eval:
         raise RecipeError(
             f"{recipe.source}: train.eval_strategy={args.eval_strategy} but the data has no eval split; "
             "set data.eval or data.eval_fraction, or train.eval_strategy=no"
         )
+    if data.bad_rows and is_main:
+        print(f"skipped {len(data.bad_rows)} bad row(s): {dict(data.skipped_by_reason())}")
+    return data
+
+
+def announce(model, recipe: Recipe, args, data) -> None:
+    """Before training: trainable parameters per group, router-loss reach, batch arithmetic."""
+    from finetune.data import sample_lengths
+    from finetune.model import router_loss_warning, trainable_table
+
+    if args.process_index != 0:
+        return
+    print(trainable_table(model, recipe))
+    warning = router_loss_warning(model, recipe)
+    if warning:
+        print(warning, file=sys.stderr)
+    print(describe_batch(args, sample_lengths(data.train), args.world_size))
+
+
+def trainer_inputs(recipe: Recipe, data, encoder: ChatEncoder) -> dict:
+    """The keyword arguments both trainers take the same way."""
+    from datasets import Dataset
+
+    return {
+        "train_dataset": Dataset.from_list(data.train),
+        "eval_dataset": Dataset.from_list(data.eval) if data.eval else None,
+        "processing_class": encoder.hf_tokenizer,
+        "callbacks": [StopAfterSteps(recipe.stop_after_steps)] if recipe.stop_after_steps else None,
+        "moe": recipe.moe,
+    }
 
 
 # ----------------------------------------------------------------------------------------------

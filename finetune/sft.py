@@ -19,17 +19,16 @@ from trl import SFTTrainer
 from finetune.chat_format import ChatEncoder
 from finetune.check import encoder_for
 from finetune.config import Recipe
-from finetune.data import prepare, sample_lengths
 from finetune.losses import use_compact_lm_head
-from finetune.model import apply_method, load_base_model, router_loss_warning, trainable_table
+from finetune.model import apply_method, load_base_model
 from finetune.runs import (
     RouterLossHook,
-    StopAfterSteps,
     Throughput,
-    check_eval_split,
-    describe_batch,
+    announce,
+    load_data,
     run_pass,
     trainer_args,
+    trainer_inputs,
 )
 
 
@@ -54,40 +53,20 @@ class MoESFTTrainer(SFTTrainer):
         super().log(self.throughput.update(logs, self.state.global_step, self._total_train_tokens), start_time)
 
 
-def build(recipe: Recipe, resume_from: str | None = None) -> tuple[MoESFTTrainer, ChatEncoder]:
+def build(recipe: Recipe) -> tuple[MoESFTTrainer, ChatEncoder]:
     """Recipe -> data -> model -> trainer, printing what will train."""
     args = trainer_args(recipe)
-    is_main = args.process_index == 0
 
     # Data: Mixtral-Instruct token ids with labels on the assistant replies only.
     encoder = encoder_for(recipe)
-    data = prepare(recipe.data, "sft", encoder, progress=is_main)
-    check_eval_split(recipe, args, len(data.eval))
-    if data.bad_rows and is_main:
-        print(f"skipped {len(data.bad_rows)} bad row(s): {dict(data.skipped_by_reason())}")
+    data = load_data(recipe, args, encoder)
 
     # Model: base weights frozen, LoRA (or full training) on attention, experts and router. Seeded
     # first: PEFT draws the LoRA initialisation from the global RNG.
     set_seed(args.seed)
     model = apply_method(load_base_model(recipe), recipe)
-    if is_main:
-        print(trainable_table(model, recipe))
-        warning = router_loss_warning(model, recipe)
-        if warning:
-            print(warning, file=sys.stderr)
-        print(describe_batch(args, sample_lengths(data.train), args.world_size))
-
-    from datasets import Dataset
-
-    trainer = MoESFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(data.train),
-        eval_dataset=Dataset.from_list(data.eval) if data.eval else None,
-        processing_class=encoder.hf_tokenizer,
-        callbacks=[StopAfterSteps(recipe.stop_after_steps)] if recipe.stop_after_steps else None,
-        moe=recipe.moe,
-    )
+    announce(model, recipe, args, data)
+    trainer = MoESFTTrainer(model=model, args=args, **trainer_inputs(recipe, data, encoder))
     return trainer, encoder
 
 
