@@ -6,7 +6,8 @@ Every answer can be checked exactly (arithmetic, string edits, look-ups in data/
 formatting rules), so evaluation needs no judge model. Each chat row is {"messages": [...], "task": ...,
 "answer": ...}; each preference row is {"prompt": [...], "chosen": [...], "rejected": [...]} where the
 chosen reply is correct and the rejected one is checkably wrong. The eval splits share no prompt with
-the training splits.
+the training splits. eval/instructions.jsonl holds the held-out chat prompts with their answers and the
+verifiable rules a correct reply follows (case, word count, keywords, format), for generation checks.
 """
 
 from __future__ import annotations
@@ -110,6 +111,34 @@ def preference(rng: random.Random):
     }
 
 
+def instruction_rules(task: str, answer: str) -> list[dict]:
+    """Verifiable rules (finetune/checkers.py) that a correct reply to `task` follows."""
+    return {
+        "arithmetic": [{"rule": "format", "value": "integer"}, {"rule": "max_words", "value": 1}],
+        "reverse": [{"rule": "case", "value": "lower"}, {"rule": "max_words", "value": 1}],
+        "uppercase": [{"rule": "case", "value": "upper"}, {"rule": "max_words", "value": 1}],
+        "spell": [{"rule": "format", "value": "comma_list"}, {"rule": "format", "value": "single_line"}],
+        "capital": [{"rule": "keywords", "value": [answer.rstrip(".")]}, {"rule": "ends_with", "value": "."},
+                    {"rule": "max_words", "value": 3}],
+    }[task]
+
+
+def instruction_row(row: dict) -> dict:
+    """An eval prompt (the held-out conversation without its last reply), its answer and its rules."""
+    return {"messages": row["messages"][:-1], "answer": row["answer"], "task": row["task"], "lang": row["lang"],
+            "rules": instruction_rules(row["task"], row["answer"])}
+
+
+def capital_choices(rng: random.Random) -> list[dict]:
+    """Multiple-choice rows for the lm-evaluation-harness task in eval/lm_eval (one per country)."""
+    rows = []
+    for row in CAPITALS:
+        wrong = rng.sample([r["capital_en"] for r in CAPITALS if r["capital_en"] != row["capital_en"]], 3)
+        choices = sorted([row["capital_en"], *wrong], key=lambda _: rng.random())
+        rows.append({"country": row["country_en"], "choices": choices, "label": choices.index(row["capital_en"])})
+    return rows
+
+
 def prompt_key(messages: list[dict]) -> str:
     return json.dumps([m["content"] for m in messages if m["role"] == "user"], ensure_ascii=False)
 
@@ -119,7 +148,7 @@ def write(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def generate(out: Path = HERE, train_size: int = 2000, eval_size: int = 200, seed: int = 0) -> None:
+def generate(out: Path = HERE, eval_dir: Path = HERE.parent / "eval", train_size: int = 2000, eval_size: int = 200, seed: int = 0) -> None:
     rng = random.Random(seed)
     seen: set[str] = set()
 
@@ -144,8 +173,10 @@ def generate(out: Path = HERE, train_size: int = 2000, eval_size: int = 200, see
     write(out / "chat" / "eval.jsonl", chat_eval)
     write(out / "preferences" / "train.jsonl", pref_train)
     write(out / "preferences" / "eval.jsonl", pref_eval)
+    write(eval_dir / "instructions.jsonl", [instruction_row(row) for row in chat_eval])
+    write(eval_dir / "lm_eval" / "capitals_mc.jsonl", capital_choices(random.Random(seed)))
 
 
 if __name__ == "__main__":
     generate()
-    print("wrote data/chat/{train,eval}.jsonl and data/preferences/{train,eval}.jsonl")
+    print("wrote data/chat/{train,eval}.jsonl, data/preferences/{train,eval}.jsonl eval/instructions.jsonl and eval/lm_eval/capitals_mc.jsonl")

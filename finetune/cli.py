@@ -17,6 +17,7 @@ PASSES = {
     "plan": "per-GPU memory plan for a recipe, before loading any weight",
     "export": "merge adapters into the base checkpoint, shard by shard",
     "push": "push an adapter or merged folder to the Hugging Face Hub",
+    "evaluate": "held-out loss, preferences, generation checks and router balance on a suite",
 }
 
 

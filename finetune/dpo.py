@@ -85,7 +85,8 @@ class MoEDPOTrainer(DPOTrainer):
         return (loss, result[1]) if return_outputs else loss
 
     def log(self, logs, start_time=None):
-        logs = self.router_loss.add_router_stats(logs, "train" if self.model.training else "eval")
+        logs = self.router_loss.add_router_stats(logs, "train" if self.model.training else "eval",
+                                                   self.state.global_step)
         super().log(self.throughput.update(logs, self.state.global_step, self._total_train_tokens), start_time)
 
 

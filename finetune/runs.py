@@ -218,6 +218,7 @@ class RouterLossHook:
         self.moe = moe
         self.counts: dict[str, torch.Tensor] = {}  # mode -> [layers, experts] routed tokens since last log
         self.entropy: dict[str, list[torch.Tensor]] = {}  # mode -> [per-layer entropy sums, token count]
+        self.eval_loads: list[tuple[int, list[list[float]]]] = []  # (step, layer x expert share) per evaluation
 
     def add(self, trainer, loss, attention_mask, num_items_in_batch, log_task_loss_as: str | None = None):
         """loss + router losses; `log_task_loss_as` also logs the loss without them (e.g. `dpo_loss`)."""
@@ -264,11 +265,13 @@ class RouterLossHook:
         stats["entropy"] = entropy / max(float(tokens), 1.0)
         return stats
 
-    def add_router_stats(self, logs: dict, mode: str) -> dict:
+    def add_router_stats(self, logs: dict, mode: str, step: int = 0) -> dict:
         """Compact summaries into the log line; every layer's values to wandb when it is running."""
         stats = self.router_stats(mode)
         if stats is None:
             return logs
+        if mode == "eval":
+            self.eval_loads.append((step, stats["share"].tolist()))
         prefix = "eval_" if mode == "eval" else ""
         logs[f"{prefix}router/maxvio_mean"] = stats["maxvio"].mean().item()
         logs[f"{prefix}router/maxvio_max"] = stats["maxvio"].max().item()
@@ -336,11 +339,25 @@ def save_outputs(trainer, recipe: Recipe, encoder: ChatEncoder) -> None:
         dump_yaml(recipe, out / RECIPE_FILE)
         trainer.state.save_to_json(str(out / "trainer_state.json"))
         (out / "README.md").write_text(adapter_card(recipe, trainer.state.log_history))
+        write_router_load(trainer.router_loss.eval_loads, out, "SFT policy" if recipe.kind == "dpo" else "base")
     trainer.accelerator.wait_for_everyone()
     if "wandb" in (trainer.args.report_to or []) and trainer.is_world_process_zero():
         import wandb
 
         wandb.finish()  # flush the run now (transformers leaves it open until the interpreter exits)
+
+
+def write_router_load(eval_loads: list, out: Path, start_name: str) -> Path | None:
+    """router_load.png: eval-set router load at the first evaluation (the starting model, when
+    eval_on_start) beside the last one. None when the run evaluated fewer than twice."""
+    if len(eval_loads) < 2:
+        return None
+    from finetune.plots import router_heatmaps
+
+    (first_step, first), (last_step, last) = eval_loads[0], eval_loads[-1]
+    first_name = start_name if first_step == 0 else f"step {first_step}"
+    return router_heatmaps([(f"{first_name} (step {first_step})", first), (f"fine-tuned (step {last_step})", last)],
+                           out / "router_load.png")
 
 
 def push_outputs(recipe: Recipe, is_main: bool) -> int:

@@ -1,0 +1,406 @@
+"""Evaluate a model or an adapter on a suite: held-out loss, preferences, generation checks, router balance.
+
+    python -m finetune.evaluate runs/tiny/sft --suite eval/bundled.yaml --out runs/eval/sft
+    python -m finetune.evaluate runs/tiny/sft --suite eval/bundled.yaml --out runs/eval/sft-vs-base \\
+        --baseline runs/tiny-mixtral --reference runs/tiny-mixtral
+    python -m finetune.evaluate runs/tiny/sft --suite eval/bundled.yaml --out /tmp/quick limit=20
+
+MODEL_OR_ADAPTER is a model folder or Hub id, or a PEFT adapter folder (loaded on its recorded base, or
+on --base). What a suite (eval/*.yaml) can hold, each part optional:
+
+* chat: conversations in the training format. Held-out loss and perplexity over the assistant replies
+  (the training masks), token accuracy, and the router load per layer x expert on the real tokens.
+* preferences: preference pairs. Preference accuracy (how often the implicit DPO reward of the chosen
+  reply beats the rejected one's) and the mean reward margin, against a reference model: --reference, or
+  else an adapter's own base. Also the reference-free accuracy (chosen reply more likely than rejected).
+* instructions: prompts with an `answer` and verifiable `rules` (finetune/checkers.py). Greedy replies
+  scored by exact match and by the rules, per rule and per prompt (all rules followed).
+* lm_eval_tasks: lm-evaluation-harness tasks on local data files, through its HF model interface, run
+  when `lm-eval` is installed and reported as skipped otherwise.
+
+Writes DIR/metrics.json (every figure), DIR/generations.jsonl, DIR/router_load.png (heatmaps; the
+baseline beside the model) and DIR/report.md. With --baseline both models run on the same suite, and
+the console and the report show the figures side by side with their differences. Trailing `key=value`
+items override suite keys (e.g. `limit=20`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from finetune.checkers import check_rule, exact_match, validate_rules
+from finetune.config import DataSource, RecipeError, _build, apply_override, parse_yaml
+from finetune.data import BadRow, DataError, bad_rows_message, check_messages, encode_source, read_rows
+from finetune.plots import router_heatmaps
+from finetune.scoring import (
+    LoadedModel,
+    generate_replies,
+    heldout_loss,
+    load_for_eval,
+    preference_logps,
+)
+
+
+@dataclass
+class Suite:
+    """One evaluation suite: a YAML file in eval/. Paths are relative to the working directory, as in
+    recipes."""
+
+    name: str
+    """Shown in reports."""
+    chat: str | None = None
+    """Conversations (.jsonl/.json/.parquet, training format) for held-out loss and router load."""
+    preferences: str | None = None
+    """Preference pairs (training format) for preference accuracy and reward margin."""
+    instructions: str | None = None
+    """Prompt rows {messages (ending with a user turn), answer, rules} for generation checks."""
+    max_length: int = 2048
+    """Longest sample in tokens; longer rows are reported as bad rows, never truncated."""
+    batch_size: int = 8
+    """Sequences per forward pass."""
+    max_new_tokens: int = 64
+    """Generation length limit per reply."""
+    beta: float = 0.1
+    """DPO beta for rewards: beta * log(policy / reference) of a reply."""
+    limit: int | None = None
+    """Use only the first N rows of each file (quick runs)."""
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness task names, run when lm-eval is installed."""
+    lm_eval_include: str | None = None
+    """Folder of lm-eval task YAMLs (local data files) registered before running `lm_eval_tasks`."""
+
+
+def load_suite(path: str | Path, overrides: list[str] = ()) -> Suite:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"suite file not found: {path}")
+    try:
+        raw = parse_yaml(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    for item in overrides:
+        apply_override(raw, item, path)
+    suite = _build(Suite, raw, str(path), "")
+    for key in ("chat", "preferences", "instructions", "lm_eval_include"):
+        value = getattr(suite, key)
+        if value is not None and not Path(value).exists():
+            raise RecipeError(f"{path}: {key}: {value} does not exist (paths are relative to the working directory)")
+    if not (suite.chat or suite.preferences or suite.instructions or suite.lm_eval_tasks):
+        raise RecipeError(f"{path}: nothing to evaluate: set chat, preferences, instructions or lm_eval_tasks")
+    if suite.batch_size < 1 or suite.max_new_tokens < 1 or (suite.limit is not None and suite.limit < 1):
+        raise RecipeError(f"{path}: batch_size, max_new_tokens and limit must be at least 1")
+    return suite
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the suite's data
+
+
+def encoded(path: str, kind: str, loaded: LoadedModel, suite: Suite) -> list[dict]:
+    samples, bad, _ = encode_source(DataSource(path), kind, loaded.encoder, suite.max_length, progress=False)
+    if bad:
+        raise DataError(f"suite {suite.name}, {path}: " + bad_rows_message(bad).rsplit("\n", 1)[0])
+    return samples[: suite.limit]
+
+
+def instruction_rows(path: str, suite: Suite) -> list[dict]:
+    rows, bad = [], []
+    for where, row in read_rows(DataSource(path)):
+        if isinstance(row, BadRow):
+            bad.append(row)
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("answer"), str) or "rules" not in row:
+            bad.append(BadRow(where, "needs 'messages', 'answer' (text) and 'rules'"))
+            continue
+        reason = check_messages(row.get("messages"), ends_with="user") or validate_rules(row["rules"], "rules")
+        if reason:
+            bad.append(BadRow(where, reason))
+        else:
+            rows.append(row)
+    if bad:
+        raise DataError(f"suite {suite.name}, {path}: " + bad_rows_message(bad).rsplit("\n", 1)[0])
+    return rows[: suite.limit]
+
+
+# ----------------------------------------------------------------------------------------------
+# The parts of a suite
+
+
+def preference_figures(loaded: LoadedModel, samples: list[dict], suite: Suite, reference: str | None,
+                       progress: bool) -> dict:
+    chosen, rejected = preference_logps(loaded.model, samples, suite.batch_size, "preferences", progress)
+    figures = {
+        "pairs": len(samples),
+        "logp_accuracy": sum(c > r for c, r in zip(chosen, rejected)) / len(samples),
+        "reference": None,
+        "accuracy": None,
+        "margin": None,
+    }
+    reference_logps = None
+    if reference is None and loaded.base is not None:
+        reference = loaded.base
+    if reference is not None and _same(reference, loaded.path):
+        figures["reference"] = f"{reference} (the model itself: no reward)"
+        return figures
+    if reference is not None and loaded.base is not None and _same(reference, loaded.base):
+        with loaded.without_adapter():  # the base is already loaded under the adapter
+            reference_logps = preference_logps(loaded.model, samples, suite.batch_size, "reference", progress)
+    elif reference is not None:
+        other = load_for_eval(reference)
+        reference_logps = preference_logps(other.model, samples, suite.batch_size, "reference", progress)
+        del other
+        gc.collect()
+    if reference_logps is None:
+        figures["reference"] = "none (a full model without --reference)"
+        return figures
+    ref_chosen, ref_rejected = reference_logps
+    margins = [suite.beta * ((c - rc) - (r - rr)) for c, r, rc, rr in zip(chosen, rejected, ref_chosen, ref_rejected)]
+    figures.update(reference=reference, accuracy=sum(m > 0 for m in margins) / len(margins),
+                   margin=sum(margins) / len(margins))
+    return figures
+
+
+def generation_figures(loaded: LoadedModel, rows: list[dict], suite: Suite, progress: bool) -> tuple[dict, list[dict]]:
+    replies = generate_replies(loaded.model, loaded.encoder, [r["messages"] for r in rows], suite.batch_size,
+                               suite.max_new_tokens, progress)
+    records, by_task, by_rule = [], defaultdict(list), defaultdict(list)
+    for row, reply in zip(rows, replies):
+        followed = [check_rule(reply, rule) for rule in row["rules"]]
+        record = {"prompt": row["messages"][-1]["content"], "reply": reply, "answer": row["answer"],
+                  "exact_match": exact_match(reply, row["answer"]), "rules_followed": followed,
+                  "task": row.get("task")}
+        records.append(record)
+        by_task[row.get("task") or "all"].append(record["exact_match"])
+        for rule, ok in zip(row["rules"], followed):
+            by_rule[rule["rule"]].append(ok)
+    rule_results = [ok for r in records for ok in r["rules_followed"]]
+    figures = {
+        "prompts": len(records),
+        "exact_match": _mean(r["exact_match"] for r in records),
+        "rule_pass_rate": _mean(rule_results),
+        "prompt_rule_pass_rate": _mean(all(r["rules_followed"]) for r in records),
+        "exact_match_by_task": {task: _mean(v) for task, v in sorted(by_task.items())},
+        "rule_pass_rate_by_rule": {rule: _mean(v) for rule, v in sorted(by_rule.items())},
+    }
+    return figures, records
+
+
+def lm_eval_figures(loaded: LoadedModel, suite: Suite) -> dict:
+    """lm-evaluation-harness on the suite's tasks, through its HF model interface (not re-implemented)."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        return {"skipped": "lm-eval is not installed (pip install lm-eval)"}
+    model = loaded.model.merge_and_unload() if loaded.base is not None else loaded.model
+    lm = HFLM(pretrained=model, tokenizer=loaded.encoder.hf_tokenizer, batch_size=suite.batch_size,
+              max_length=suite.max_length)
+    manager = TaskManager(include_path=suite.lm_eval_include) if suite.lm_eval_include else TaskManager()
+    output = lm_eval.simple_evaluate(model=lm, tasks=suite.lm_eval_tasks, task_manager=manager, limit=suite.limit)
+    return {
+        task: {metric.split(",")[0]: value for metric, value in values.items()
+               if isinstance(value, (int, float)) and not metric.split(",")[0].endswith("_stderr")
+               and metric != "sample_len"}
+        for task, values in output["results"].items()
+    }
+
+
+def evaluate(path: str, suite: Suite, base: str | None = None, reference: str | None = None,
+             progress: bool = True) -> tuple[dict, list[dict]]:
+    """Every figure of the suite for one model or adapter: (results, generation records)."""
+    loaded = load_for_eval(path, base)
+    results: dict = {"model": path, "base": loaded.base, "suite": suite.name}
+    records: list[dict] = []
+    if suite.chat:
+        results["heldout"] = heldout_loss(loaded.model, encoded(suite.chat, "sft", loaded, suite), suite.batch_size,
+                                          progress)
+    if suite.preferences:
+        results["preferences"] = preference_figures(loaded, encoded(suite.preferences, "dpo", loaded, suite), suite,
+                                                    reference, progress)
+    if suite.instructions:
+        results["generation"], records = generation_figures(loaded, instruction_rows(suite.instructions, suite),
+                                                            suite, progress)
+    if suite.lm_eval_tasks:
+        results["lm_eval"] = lm_eval_figures(loaded, suite)
+    del loaded
+    gc.collect()
+    return results, records
+
+
+# ----------------------------------------------------------------------------------------------
+# Reports
+
+SUMMARY = [  # (label, path into the results, higher is better)
+    ("held-out loss", ("heldout", "loss"), False),
+    ("perplexity", ("heldout", "perplexity"), False),
+    ("token accuracy", ("heldout", "token_accuracy"), True),
+    ("exact match", ("generation", "exact_match"), True),
+    ("instruction rules followed", ("generation", "rule_pass_rate"), True),
+    ("prompts with every rule followed", ("generation", "prompt_rule_pass_rate"), True),
+    ("preference accuracy (vs reference)", ("preferences", "accuracy"), True),
+    ("reward margin (vs reference)", ("preferences", "margin"), True),
+    ("preference accuracy (log-prob, no reference)", ("preferences", "logp_accuracy"), True),
+    ("router MaxVio (mean over layers)", ("heldout", "router", "maxvio_mean"), False),
+    ("router CV (mean over layers)", ("heldout", "router", "cv_mean"), False),
+    ("router entropy (mean, nats)", ("heldout", "router", "entropy_mean"), None),
+    ("dead experts (< 1% share)", ("heldout", "router", "dead_experts"), False),
+]
+
+
+def figure(results: dict, keys: tuple) -> float | None:
+    node = results
+    for key in keys:
+        if not isinstance(node, dict) or node.get(key) is None:
+            return None
+        node = node[key]
+    return node
+
+
+def summary(results: dict) -> dict[str, float]:
+    """The headline figures of one evaluation, by label (missing parts left out)."""
+    flat = {label: figure(results, keys) for label, keys, _ in SUMMARY}
+    for task, metrics in (results.get("lm_eval") or {}).items():
+        if isinstance(metrics, dict):
+            flat.update({f"lm-eval {task} {metric}": value for metric, value in metrics.items()})
+    return {label: value for label, value in flat.items() if value is not None}
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}"
+
+
+def comparison_rows(columns: list[tuple[str, dict]]) -> list[list[str]]:
+    """Rows [figure, value per column..., (difference of the first two)] over the union of figures."""
+    summaries = [summary(results) for _, results in columns]
+    labels = [label for label in dict.fromkeys(k for s in summaries for k in s)]
+    rows = []
+    for label in labels:
+        values = [s.get(label) for s in summaries]
+        row = [label] + [_fmt(v) for v in values]
+        if len(columns) == 2:
+            row.append(_fmt(values[0] - values[1]) if None not in values else "n/a")
+        rows.append(row)
+    return rows
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def heatmap_panels(columns: list[tuple[str, dict]]) -> list[tuple[str, list[list[float]]]]:
+    panels = []
+    for name, results in columns:
+        router = figure(results, ("heldout", "router"))
+        if router:
+            panels.append((f"{name}: {Path(results['model']).name}\nMaxVio {router['maxvio_mean']:.2f}, CV {router['cv_mean']:.2f}", router["share"]))
+    return panels
+
+
+def write_report(out: Path, suite: Suite, columns: list[tuple[str, dict]], records: list[dict]) -> Path:
+    """report.md with the figures table, the router heatmaps and a few generations."""
+    header = ["figure"] + [name for name, _ in columns] + (["difference"] if len(columns) == 2 else [])
+    lines = [f"# Evaluation on suite `{suite.name}`", ""]
+    for name, results in columns:
+        reference = figure(results, ("preferences", "reference"))
+        lines.append(f"- **{name}**: `{results['model']}`" + (f" (adapter on `{results['base']}`)" if results["base"] else "")
+                     + (f"; preference reference: `{reference}`" if reference else ""))
+    lines += ["", markdown_table(header, comparison_rows(columns)), ""]
+    by_task = [(name, figure(results, ("generation", "exact_match_by_task")) or {}) for name, results in columns]
+    tasks = sorted({t for _, m in by_task for t in m})
+    if tasks:
+        rows = [[task] + [_fmt(m.get(task)) for _, m in by_task] for task in tasks]
+        lines += ["## Exact match by task", "", markdown_table(["task"] + [n for n, _ in by_task], rows), ""]
+    if (out / "router_load.png").is_file():
+        lines += ["## Router load on the held-out conversations", "",
+                  "Share of routed tokens per layer (rows) and expert (columns); balanced is 1/experts (red mark).",
+                  "", "![router load](router_load.png)", ""]
+    if records:
+        lines += [f"## Generations (first 8 of {len(records)}, all in generations.jsonl)", ""]
+        rows = [[r["prompt"].replace("|", "\\|"), r["reply"].replace("|", "\\|").replace("\n", " "),
+                 "yes" if r["exact_match"] else "no", f"{sum(r['rules_followed'])}/{len(r['rules_followed'])}"]
+                for r in records[:8]]
+        lines += [markdown_table(["prompt", "reply", "exact", "rules"], rows), ""]
+    for name, results in columns:
+        skipped = figure(results, ("lm_eval", "skipped"))
+        if skipped:
+            lines += [f"lm-eval tasks for {name}: skipped ({skipped})."]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("model", help="model folder, Hub id, or adapter folder")
+    parser.add_argument("--suite", required=True, help="suite YAML, e.g. eval/bundled.yaml")
+    parser.add_argument("--out", required=True, help="folder for metrics.json, report.md and the plots")
+    parser.add_argument("--baseline", help="a second model or adapter, evaluated on the same suite for comparison")
+    parser.add_argument("--reference", help="reference model for preference rewards (default: an adapter's base)")
+    parser.add_argument("--base", help="base model for adapters (default: the one the adapter records)")
+    parser.add_argument("overrides", nargs="*", help="suite overrides, e.g. limit=20")
+    args = parser.parse_intermixed_args(argv)  # overrides may come after the options
+
+    suite = load_suite(args.suite, args.overrides)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    columns, all_records = [], []
+    for name, path in [("model", args.model)] + ([("baseline", args.baseline)] if args.baseline else []):
+        print(f"evaluating {name} {path} on suite {suite.name}")
+        results, records = evaluate(path, suite, args.base, args.reference)
+        columns.append((name, results))
+        all_records += [{"model": name, **r} for r in records]
+
+    payload = {name: results for name, results in columns}
+    if args.baseline:
+        first, second = summary(columns[0][1]), summary(columns[1][1])
+        payload["difference"] = {k: first[k] - second[k] for k in first if k in second}
+    payload["suite"] = dataclasses.asdict(suite)
+    (out / "metrics.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    with open(out / "generations.jsonl", "w") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in all_records)
+    panels = heatmap_panels(columns)
+    if panels:
+        router_heatmaps(panels, out / "router_load.png")
+    report = write_report(out, suite, columns, [r for r in all_records if r["model"] == "model"])
+
+    header = ["figure"] + [name for name, _ in columns] + (["difference"] if args.baseline else [])
+    print(text_table(header, comparison_rows(columns)))
+    print(f"wrote {out / 'metrics.json'}, {report}" + (f", {out / 'router_load.png'}" if panels else ""))
+    return 0
+
+
+def _same(a: str, b: str) -> bool:
+    return a == b or Path(a).resolve() == Path(b).resolve()
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else math.nan
+
+
+if __name__ == "__main__":
+    from finetune.cli import run_guarded
+
+    sys.exit(run_guarded(main))

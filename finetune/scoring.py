@@ -1,0 +1,170 @@
+"""What evaluation computes with a model: held-out loss with router load, sequence log-probabilities for
+preference pairs, and greedy generation. Plain functions over token ids, batched, with progress bars.
+
+The samples are the training samples (finetune/data.py), so held-out loss uses exactly the training
+masks: the loss is over the assistant replies and their EOS, never the prompts or the padding.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from finetune.chat_format import IGNORE_INDEX, ChatEncoder, find_sentencepiece
+from finetune.moe import RouterTap, balance_stats, entropy_sums, expert_counts
+
+PAD_ID = 0
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for evaluation: a full model, or a base with a PEFT adapter on top."""
+
+    model: nn.Module
+    encoder: ChatEncoder
+    path: str
+    base: str | None = None  # the adapter's base model; None for a full model
+
+    def without_adapter(self):
+        """Context in which the model is its base (the adapter switched off); only for adapters."""
+        return self.model.disable_adapter() if self.base is not None else nullcontext()
+
+
+def eval_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_for_eval(path: str, base: str | None = None) -> LoadedModel:
+    """A model folder / Hub id, or an adapter folder loaded on its recorded base (or `base`)."""
+    from transformers import AutoModelForCausalLM
+
+    device = eval_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    adapter_config = Path(path) / "adapter_config.json"
+    if adapter_config.is_file():
+        from peft import PeftModel
+
+        base = base or json.loads(adapter_config.read_text())["base_model_name_or_path"]
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), path)
+        tokenizer_home = path if (Path(path) / "tokenizer.model").is_file() else base
+    else:
+        if not Path(path).exists() and path.count("/") != 1:
+            raise FileNotFoundError(f"{path}: no such model or adapter folder (nor a Hub id org/name)")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        base, tokenizer_home = None, path
+    return LoadedModel(model.to(device).eval(), ChatEncoder(find_sentencepiece(tokenizer_home)), path, base)
+
+
+def _batches(items: list, size: int, desc: str, progress: bool):
+    starts = range(0, len(items), size)
+    for start in tqdm(starts, desc=desc, unit=" batch", disable=not progress, leave=False):
+        yield items[start:start + size]
+
+
+def _right_padded(rows: list[list[int]], fill: int, device) -> torch.Tensor:
+    width = max(map(len, rows))
+    return torch.tensor([row + [fill] * (width - len(row)) for row in rows], device=device)
+
+
+@torch.no_grad()
+def heldout_loss(model: nn.Module, samples: list[dict], batch_size: int, progress: bool = True) -> dict:
+    """Mean next-token loss over labelled tokens, perplexity, token accuracy, and router load per layer x
+    expert on the real tokens (from the same forward passes)."""
+    device = next(model.parameters()).device
+    tap = RouterTap(model)
+    total_loss, total_tokens, correct = 0.0, 0, 0
+    counts, entropy, routed = 0, 0, 0
+    try:
+        for batch in _batches(samples, batch_size, "held-out loss", progress):
+            input_ids = _right_padded([s["input_ids"] for s in batch], PAD_ID, device)
+            labels = _right_padded([s["labels"] for s in batch], IGNORE_INDEX, device)
+            mask = _right_padded([[1] * len(s["input_ids"]) for s in batch], 0, device)
+            with tap.capture():
+                logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
+            router_logits = tap.take()
+            targets = labels[:, 1:]
+            scored = targets != IGNORE_INDEX
+            losses = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets.clamp(min=0), reduction="none")
+            total_loss += losses[scored].sum().item()
+            total_tokens += int(scored.sum())
+            correct += int((logits[:, :-1].argmax(-1) == targets)[scored].sum())
+            counts = counts + expert_counts(router_logits, tap.top_k, mask).cpu()
+            layer_entropy, tokens = entropy_sums(router_logits, mask)
+            entropy, routed = entropy + layer_entropy.cpu(), routed + tokens.item()
+    finally:
+        tap.remove()
+    loss = total_loss / max(total_tokens, 1)
+    return {
+        "loss": loss,
+        "perplexity": float(torch.tensor(loss).exp()),
+        "token_accuracy": correct / max(total_tokens, 1),
+        "tokens": total_tokens,
+        "router": router_figures(counts, entropy / max(routed, 1)),
+    }
+
+
+def router_figures(counts: torch.Tensor, entropy: torch.Tensor) -> dict:
+    """Balance summaries and per-layer values from [layers, experts] routed-token counts."""
+    stats = balance_stats(counts)
+    return {
+        "maxvio_mean": stats["maxvio"].mean().item(),
+        "maxvio_max": stats["maxvio"].max().item(),
+        "cv_mean": stats["cv"].mean().item(),
+        "entropy_mean": entropy.mean().item(),
+        "dead_experts": int(stats["dead"].sum()),
+        "share": stats["share"].tolist(),
+        "maxvio": stats["maxvio"].tolist(),
+        "cv": stats["cv"].tolist(),
+        "entropy": entropy.tolist(),
+    }
+
+
+@torch.no_grad()
+def reply_logps(model: nn.Module, pairs: list[tuple[list[int], list[int]]], batch_size: int, desc: str,
+                progress: bool = True) -> list[float]:
+    """Summed log-probability of each reply given its prompt: [(prompt_ids, reply_ids)] -> [logp]."""
+    device = next(model.parameters()).device
+    out = []
+    for batch in _batches(pairs, batch_size, desc, progress):
+        input_ids = _right_padded([p + r for p, r in batch], PAD_ID, device)
+        labels = _right_padded([[IGNORE_INDEX] * len(p) + r for p, r in batch], IGNORE_INDEX, device)
+        mask = _right_padded([[1] * (len(p) + len(r)) for p, r in batch], 0, device)
+        logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
+        targets = labels[:, 1:]
+        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        out += (logp * (targets != IGNORE_INDEX)).sum(-1).tolist()
+    return out
+
+
+def preference_logps(model: nn.Module, samples: list[dict], batch_size: int, desc: str,
+                     progress: bool = True) -> tuple[list[float], list[float]]:
+    """(chosen, rejected) summed reply log-probabilities for DPO samples."""
+    pairs = [(s["prompt_ids"], s["chosen_ids"]) for s in samples] + [(s["prompt_ids"], s["rejected_ids"]) for s in samples]
+    logps = reply_logps(model, pairs, batch_size, desc, progress)
+    return logps[: len(samples)], logps[len(samples):]
+
+
+@torch.no_grad()
+def generate_replies(model: nn.Module, encoder: ChatEncoder, prompts: list[list[dict]], batch_size: int,
+                     max_new_tokens: int, progress: bool = True) -> list[str]:
+    """Greedy replies to chat prompts (Mixtral-Instruct format, left-padded batches), up to EOS."""
+    device = next(model.parameters()).device
+    eos = encoder.eos_id
+    replies = []
+    for batch in _batches(prompts, batch_size, "generating", progress):
+        ids = [encoder.encode_prompt(messages) for messages in batch]
+        width = max(map(len, ids))
+        input_ids = torch.tensor([[PAD_ID] * (width - len(row)) + row for row in ids], device=device)
+        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids], device=device)
+        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=PAD_ID, eos_token_id=eos)
+        for row in out[:, width:].tolist():
+            row = row[: row.index(eos)] if eos in row else row
+            replies.append(encoder.decode(row))
+    return replies
