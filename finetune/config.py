@@ -99,6 +99,10 @@ class LoraSection:
     )
     """Groups that train: attention q/k/v/o projections, the fused expert weights
     (gate_up_proj, down_proj), the router (mlp.gate, trained in full: it is small)."""
+    expert_kernel: Literal["routed", "peft"] = "routed"
+    """How expert LoRA runs. `routed`: on the tokens routed to each expert (finetune/expert_lora.py),
+    PEFT's parameters and format; `peft`: PEFT's own path, which rebuilds every expert's weight each
+    forward. Same numbers either way."""
     peft: dict[str, Any] = field(default_factory=dict)
     """The `LoraConfig` fields given in this section (filled by the parser)."""
 

@@ -30,7 +30,14 @@ from finetune.chat_format import ChatEncoder
 from finetune.check import encoder_for
 from finetune.config import Recipe, RecipeError
 from finetune.losses import use_compact_lm_head
-from finetune.model import ATTENTION_MODULES, EXPERT_PARAMETERS, ROUTER_MODULE, apply_method, load_base_model
+from finetune.model import (
+    ATTENTION_MODULES,
+    EXPERT_PARAMETERS,
+    ROUTER_MODULE,
+    apply_method,
+    load_base_model,
+    use_expert_kernel,
+)
 from finetune.runs import (
     RouterLossHook,
     Throughput,
@@ -102,7 +109,7 @@ def load_policy(recipe: Recipe):
     check_same_adapter_shape(recipe, json.loads(config_file.read_text()))
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base, sft, is_trainable=True)
+    return use_expert_kernel(PeftModel.from_pretrained(base, sft, is_trainable=True), recipe)
 
 
 def check_same_adapter_shape(recipe: Recipe, adapter: dict) -> None:

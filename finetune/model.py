@@ -83,7 +83,16 @@ def apply_method(model: nn.Module, recipe: Recipe) -> nn.Module:
 
     peft_model = get_peft_model(model, lora_config(recipe))
     check_adapters_applied(peft_model, recipe)
-    return peft_model
+    return use_expert_kernel(peft_model, recipe)
+
+
+def use_expert_kernel(model: nn.Module, recipe: Recipe) -> nn.Module:
+    """Expert LoRA on the routed tokens unless the recipe asks for PEFT's path (`lora.expert_kernel`)."""
+    if recipe.lora.expert_kernel == "routed":
+        from finetune.expert_lora import use_routed_expert_lora
+
+        use_routed_expert_lora(model)
+    return model
 
 
 def group_of(name: str) -> str:

@@ -1,0 +1,193 @@
+"""Expert LoRA on the routed tokens: PEFT's adapter, applied to activations instead of weights.
+
+Why by hand: PEFT's LoRA on fused expert parameters (`target_parameters`) re-parametrises the whole
+expert stack on every forward, building `W + s * B @ A` for every expert of the layer (and again on
+every gradient-checkpoint recompute), although only the routed tokens need it and the LoRA arithmetic
+is under 2% of the layer's FLOPs. Here, for the tokens routed to expert e only,
+
+    gate_up(x) = x W_gu[e]^T + s * (x A_gu[e]^T) B_gu[e]^T
+    down(h)    = h W_d[e]^T  + s * (h A_d[e]^T)  B_d[e]^T
+
+with every product a grouped matmul over the tokens sorted by expert (transformers' `_grouped_mm`:
+`torch.nn.functional.grouped_mm` / `torch._grouped_mm`, or a per-expert loop), so no tensor the size
+of the expert stack is ever built, and the frozen weights get no gradient.
+
+The parameters are PEFT's own: `use_routed_expert_lora(model)` only swaps the forward of each
+`ParamWrapper` stack on an experts module, reading the wrappers' `lora_A`/`lora_B` in PEFT's layout
+(`A.weight` [r*E, in] is (E, r, in); `B.weight` [out, r*E] is (out, r, E)). Saved adapters are plain
+PEFT adapters, PEFT adapters load into it, and anything this path does not cover (adapters disabled or
+merged, several active adapters, dropout) goes through PEFT's forward unchanged.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+try:  # transformers' dispatcher: the grouped-mm kernels where they exist, its own fallback elsewhere
+    from transformers.integrations.moe import _grouped_mm as _transformers_grouped_mm
+except ImportError:  # pragma: no cover - older or newer layouts of transformers
+    _transformers_grouped_mm = None
+
+
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows of `x` (sorted by group; group g ends at offsets[g]) times weight[g] ([E, in, out])."""
+    if _transformers_grouped_mm is not None:
+        return _transformers_grouped_mm(x, weight, offs=offsets)
+    out, start = [], 0
+    for group, end in enumerate(offsets.tolist()):
+        out.append(x[start:end] @ weight[group].to(x.dtype))
+        start = end
+    return torch.cat(out)
+
+
+def _factors(wrapper, adapter: str, experts: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """PEFT's factors as grouped-mm right operands: A_e^T as [E, in, r] and B_e^T as [E, r, out]."""
+    a = wrapper.lora_A[adapter].weight  # [r*E, in]
+    b = wrapper.lora_B[adapter].weight  # [out, r*E]
+    a_t = a.reshape(experts, -1, a.shape[-1]).transpose(1, 2).contiguous()
+    b_t = b.reshape(b.shape[0], -1, experts).permute(2, 1, 0).contiguous()
+    return a_t, b_t, wrapper.scaling[adapter]
+
+
+class _RoutedExpertLinear(torch.autograd.Function):
+    """One expert projection over the rows sorted by expert: x W_e^T + s (x A_e^T) B_e^T.
+
+    x is built from a tensor that exists anyway: the layer input gathered by `rows` (gate_up), or
+    act(gate) * up of the gate_up output (down, `act_fn` given). Forward: the frozen part as one grouped
+    matmul, LoRA added in place per expert. Saved: that source tensor, the indices and the thin
+    (rows, r) products, never x itself. Backward: per expert, x is rebuilt and the input gradient of
+    the frozen and the LoRA part accumulated in one buffer, so LoRA adds no tensor of the size of the
+    routed tokens or of the expert hidden states, forward or backward (autograd over the same maths
+    keeps x and builds a separate input gradient for each part)."""
+
+    @staticmethod
+    def forward(ctx, source, weight_t, a_t, b_t, rows, offsets, scale, act_fn):
+        counts = offsets.tolist()
+        ctx.bounds, ctx.scale, ctx.act_fn = list(zip([0] + counts[:-1], counts)), scale, act_fn
+        x = _input_rows(source, rows, act_fn)
+        out = grouped_mm(x, weight_t, offsets)
+        thin = out.new_empty(out.shape[0], a_t.shape[-1])
+        for expert, (start, end) in enumerate(ctx.bounds):
+            if end > start:
+                torch.mm(x[start:end], a_t[expert].to(x.dtype), out=thin[start:end])
+                out[start:end].addmm_(thin[start:end], b_t[expert].to(out.dtype), alpha=scale)
+        ctx.gather = rows is not None
+        ctx.save_for_backward(source, weight_t, a_t, b_t, rows if ctx.gather else offsets, thin)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        source, weight_t, a_t, b_t, rows, thin = ctx.saved_tensors
+        scale, act_fn = ctx.scale, ctx.act_fn
+        grad_a, grad_b = torch.zeros_like(a_t), torch.zeros_like(b_t)
+        grad_source = torch.zeros_like(source)
+        for expert, (start, end) in enumerate(ctx.bounds):
+            if end == start:
+                continue  # an expert with no tokens: zero LoRA gradient, as with PEFT
+            g = grad[start:end]
+            grad_b[expert] = (thin[start:end].T @ g).to(grad_b.dtype) * scale
+            g_thin = (g @ b_t[expert].to(g.dtype).T) * scale  # (rows, r)
+            grad_x = torch.addmm(g @ weight_t[expert].to(g.dtype).T, g_thin, a_t[expert].to(g.dtype).T)
+            if ctx.gather:
+                x = source[rows[start:end]]
+                grad_source.index_add_(0, rows[start:end], grad_x.to(grad_source.dtype))
+            else:  # through act(gate) * up, for this expert's rows only
+                with torch.enable_grad():
+                    part = source[start:end].detach().requires_grad_()
+                    x = _input_rows(part, None, act_fn)
+                grad_source[start:end] = torch.autograd.grad(x, part, grad_x)[0]
+                x = x.detach()
+            grad_a[expert] = (x.T @ g_thin).to(grad_a.dtype)
+        return grad_source, None, grad_a, grad_b, None, None, None, None
+
+
+def _input_rows(source, rows, act_fn):
+    if rows is not None:
+        return source[rows]
+    gate, up = source.chunk(2, dim=-1)
+    return act_fn(gate) * up
+
+
+def routed_experts_forward(experts: nn.Module, hidden_states, top_k_index, top_k_weights,
+                           gate_up_lora=None, down_lora=None) -> torch.Tensor:
+    """The Mixtral experts with optional LoRA factors (A^T, B^T, scale) per projection (None = frozen)."""
+    num_tokens, hidden = hidden_states.shape
+    top_k = top_k_index.shape[-1]
+    expert_ids, order = torch.sort(top_k_index.reshape(-1))
+    rows = order // top_k
+    offsets = torch.cumsum(torch.bincount(expert_ids, minlength=experts.num_experts), 0).to(torch.int32)
+    if gate_up_lora is None:
+        gate_up = grouped_mm(hidden_states[rows], experts.gate_up_proj.transpose(1, 2), offsets)
+    else:
+        gate_up = _RoutedExpertLinear.apply(hidden_states, experts.gate_up_proj.transpose(1, 2), *gate_up_lora[:2],
+                                            rows, offsets, gate_up_lora[2], None)
+    if down_lora is None:
+        gate, up = gate_up.chunk(2, dim=-1)
+        out = grouped_mm(experts.act_fn(gate) * up, experts.down_proj.transpose(1, 2), offsets)
+    else:
+        out = _RoutedExpertLinear.apply(gate_up, experts.down_proj.transpose(1, 2), *down_lora[:2], None, offsets,
+                                        down_lora[2], experts.act_fn)
+    out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
+    # Back to token order, then sum each token's k expert outputs (fp32 like transformers' reduction).
+    unsorted = torch.empty_like(out).index_copy_(0, order, out)
+    return unsorted.view(num_tokens, top_k, hidden).float().sum(1).to(hidden_states.dtype)
+
+
+def _wrapper_stack(module: nn.Module) -> tuple[dict, nn.Module]:
+    """{parameter name: ParamWrapper} of a nested ParamWrapper stack, and the experts module inside."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    wrappers = {}
+    while isinstance(module, ParamWrapper):
+        wrappers[module.parameter_name] = module
+        module = module.base_layer
+    return wrappers, module
+
+
+def _routed_forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+    wrappers, experts = _wrapper_stack(self)
+    outer_forward = types.MethodType(type(self).forward, self)
+    if args or kwargs:
+        return outer_forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+    factors = {}
+    for name, wrapper in wrappers.items():
+        if wrapper.merged or wrapper.disable_adapters:
+            if wrapper.merged and not wrapper.disable_adapters:
+                continue  # the delta is inside the weight already: frozen path
+            return outer_forward(hidden_states, top_k_index, top_k_weights)  # PEFT unmerges / skips as it does
+        active = [a for a in wrapper.active_adapters if a in wrapper.lora_A]
+        if len(active) > 1 or any(getattr(wrapper.lora_dropout[a], "p", 0) for a in active):
+            return outer_forward(hidden_states, top_k_index, top_k_weights)
+        if active:
+            factors[name] = _factors(wrapper, active[0], experts.num_experts)
+    return routed_experts_forward(experts, hidden_states, top_k_index, top_k_weights,
+                                  factors.get("gate_up_proj"), factors.get("down_proj"))
+
+
+def use_routed_expert_lora(model: nn.Module) -> int:
+    """Route every PEFT expert-LoRA stack through `routed_experts_forward`; returns how many. Idempotent."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    swapped = 0
+    for module in model.modules():
+        wrappers, inner = _wrapper_stack(module) if isinstance(module, ParamWrapper) else ({}, None)
+        if not wrappers or not hasattr(inner, "gate_up_proj") or not hasattr(inner, "down_proj"):
+            continue
+        if _is_nested(model, module):
+            continue  # only the outermost wrapper of a stack
+        module.forward = types.MethodType(_routed_forward, module)
+        swapped += 1
+    return swapped
+
+
+def _is_nested(model: nn.Module, module: nn.Module) -> bool:
+    from peft.tuners.lora.layer import ParamWrapper
+
+    return any(isinstance(parent, ParamWrapper) and parent.base_layer is module for parent in model.modules())
+
+
+def uses_routed_expert_lora(model: nn.Module) -> bool:
+    return any(getattr(m.forward, "__func__", None) is _routed_forward for m in model.modules())
