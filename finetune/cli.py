@@ -10,6 +10,7 @@ import importlib
 import sys
 
 PASSES = {
+    "demo": "the whole pipeline on a tiny Mixtral on CPU (base, SFT, DPO, export, evaluation, report)",
     "check": "validate a recipe and its data, show what the model will learn",
     "tiny": "write a tiny Mixtral checkpoint",
     "sft": "supervised fine-tuning (LoRA on attention, experts, router)",

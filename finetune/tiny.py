@@ -8,8 +8,9 @@ the real Mixtral v1 tokenizer (32000 pieces) with the Mixtral-Instruct chat temp
 
 A random model predicts a near-uniform distribution that LoRA can hardly move, so by default the base is
 first pretrained briefly (all weights, next-token loss) on plain-text renderings of the bundled training
-conversations: no [INST] markers and no EOS, so it learns the content but not the chat format. That is
-left to SFT, as with a real base model.
+conversations: each document between BOS and EOS as in real pretraining data, but no [INST] markers, so
+it learns the content and where a text ends, not the chat format. That is left to SFT, as with a real
+base model.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def pretrain(model, steps: int, seed: int, batch_size: int = 8, seq_len: int = 6
     encoder = ChatEncoder(bundled_sentencepiece_path())
     stream = []
     for doc in pretraining_text():
-        stream += [encoder.bos_id] + encoder.text_ids(doc)
+        stream += [encoder.bos_id] + encoder.text_ids(doc) + [encoder.eos_id]  # packed like real pretraining
     tokens = torch.tensor(stream)
     windows = tokens[: len(tokens) // seq_len * seq_len].view(-1, seq_len)
     generator = torch.Generator().manual_seed(seed)

@@ -12,6 +12,10 @@ from finetune.dpo import build
 from finetune.dpo import main as dpo_main
 from finetune.sft import main as sft_main
 
+
+def recipe_aux_coef() -> float:
+    return load_recipe("recipes/tiny/dpo.yaml").moe.aux_loss_coef
+
 LN2 = math.log(2)
 
 
@@ -46,7 +50,7 @@ def test_first_step_is_ln2_with_zero_margin(tiny_model_dir, sft_adapter, tmp_pat
     log = first_log(out)
     assert log["dpo_loss"] == pytest.approx(LN2, abs=1e-3)
     assert log["rewards/margins"] == pytest.approx(0.0, abs=1e-3)
-    assert log["loss"] == pytest.approx(LN2 + 0.02 * log["aux_loss"], abs=1e-3)
+    assert log["loss"] == pytest.approx(LN2 + recipe_aux_coef() * log["aux_loss"], abs=1e-3)
     assert not (out / "ref").exists()
     # The adapter reloads with plain PEFT on the base model.
     from peft import PeftModel
@@ -141,6 +145,6 @@ def test_tiny_pipeline_raises_heldout_preference_accuracy(pretrained_tiny_dir, t
     assert dpo_main(["recipes/tiny/dpo.yaml", *dpo_args]) == 0
     history = json.loads((dpo / "trainer_state.json").read_text())["log_history"]
     evals = [h for h in history if "eval_rewards/accuracies" in h]
-    assert evals[0]["eval_loss"] == pytest.approx(LN2 + 0.02 * evals[0]["eval_aux_loss"], abs=1e-3)
+    assert evals[0]["eval_loss"] == pytest.approx(LN2 + recipe_aux_coef() * evals[0]["eval_aux_loss"], abs=1e-3)
     assert evals[-1]["eval_rewards/accuracies"] > 0.65, evals[-1]
     assert evals[-1]["eval_rewards/margins"] > 0

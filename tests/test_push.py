@@ -68,7 +68,7 @@ def test_failing_hub_leaves_folder_intact_and_exits_nonzero(adapter_dir, repo_ro
 def test_model_card_records_the_run(adapter_dir):
     card = (adapter_dir / "README.md").read_text()
     for expected in ("base_model:", "data/chat/train.jsonl", "lora on attention, experts, router", "| router | trainable |",
-                     "| load-balancing loss coefficient | 0.02 |", "| router z-loss coefficient | 0.0 |",
+                     "| load-balancing loss coefficient | 0.1 |", "| router z-loss coefficient | 0.0 |",
                      "| aux_loss |", "| loss |", "kind: sft"):
         assert expected in card, expected
 

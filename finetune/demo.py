@@ -1,0 +1,202 @@
+"""The whole Mixtral-Instruct pipeline on a laptop CPU in minutes: tiny base -> SFT -> DPO -> merged
+export -> evaluation of base, SFT and DPO -> report.
+
+    python -m finetune.demo [--out runs/demo]          (or: finetune demo)
+
+Every stage runs the same recipes and modules a GPU user runs, with the `recipes/tiny/` values:
+`finetune.tiny` (a seeded tiny Mixtral, pretrained briefly on the bundled text), `finetune.sft` on
+recipes/tiny/sft.yaml (LoRA on attention, experts and router, load-balancing loss), `finetune.dpo` on
+recipes/tiny/dpo.yaml from the SFT adapter, `finetune.export` (merge + verification), and
+`finetune.evaluate` on eval/bundled.yaml (held-out data the training never sees), with the base as the
+preference reference for all three models. Writes DIR/report.md with its plots and DIR/summary.json;
+exits 1 if the merged export does not reproduce base + adapter or a model did not improve on the one
+before it (SFT on the base: held-out loss and exact match; DPO on SFT: preference accuracy, measured
+reference-free as how often the preferred reply is the more likely one, which compares all three models
+on the same footing; the reward accuracy against the base is reported beside it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from finetune.evaluate import comparison_rows, evaluate, load_suite, markdown_table, text_table
+from finetune.plots import log_series, loss_curves, router_heatmaps
+
+SUITE = "eval/bundled.yaml"
+MODELS = ("base", "SFT", "DPO")
+
+
+def stage(number: int, name: str, what: str) -> None:
+    print(f"\n[{number}/6] {name}: {what}", flush=True)
+
+
+def training_figures(folder: Path) -> dict:
+    """Steps, mean logged training tokens/s and the log history of a finished SFT or DPO run."""
+    history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+    rates = [entry["tokens_per_second"] for entry in history if "tokens_per_second" in entry]
+    return {"history": history, "steps": max((e.get("step", 0) for e in history), default=0),
+            "tokens_per_second": sum(rates) / len(rates) if rates else None}
+
+
+def run_stage(timings: dict, name: str, fn):
+    start = time.perf_counter()
+    result = fn()
+    timings[name] = {"seconds": time.perf_counter() - start}
+    return result
+
+
+def checks(results: dict, export_diff: float, tolerance: float) -> list[tuple[str, bool]]:
+    base, sft, dpo = (results[m] for m in MODELS)
+    return [
+        (f"SFT beats the base on held-out loss ({sft['heldout']['loss']:.3f} < {base['heldout']['loss']:.3f})",
+         sft["heldout"]["loss"] < base["heldout"]["loss"]),
+        (f"SFT beats the base on exact match ({sft['generation']['exact_match']:.3f} > "
+         f"{base['generation']['exact_match']:.3f})", sft["generation"]["exact_match"] > base["generation"]["exact_match"]),
+        (f"DPO beats SFT on preference accuracy: the preferred reply is the more likely one "
+         f"({dpo['preferences']['logp_accuracy']:.3f} > {sft['preferences']['logp_accuracy']:.3f})",
+         dpo["preferences"]["logp_accuracy"] > sft["preferences"]["logp_accuracy"]),
+        (f"merged export reproduces base + DPO adapter (max |logit difference| {export_diff:.1e} <= {tolerance:g})",
+         export_diff <= tolerance),
+    ]
+
+
+def write_report(out: Path, results: dict, timings: dict, passed: list, sft: dict, dpo: dict, total: float) -> Path:
+    loss_curves([("train loss", log_series(sft["history"], "loss")),
+                 ("held-out loss", log_series(sft["history"], "eval_loss"))], out / "sft_loss.png", "SFT")
+    loss_curves([("train DPO loss", log_series(dpo["history"], "dpo_loss")),
+                 ("held-out DPO loss", log_series(dpo["history"], "eval_dpo_loss")),
+                 ("held-out preference accuracy", log_series(dpo["history"], "eval_rewards/accuracies"))],
+                out / "dpo_loss.png", "DPO", ylabel="loss / accuracy")
+    router_heatmaps([(f"{m}\nMaxVio {results[m]['heldout']['router']['maxvio_mean']:.2f}",
+                      results[m]["heldout"]["router"]["share"]) for m in MODELS], out / "router_load.png")
+    columns = [(m, results[m]) for m in MODELS]
+    stage_rows = [[name, f"{t['seconds']:.1f}", f"{t['tokens_per_second']:,.0f}" if t.get("tokens_per_second") else "",
+                   t.get("output", "")] for name, t in timings.items()]
+    lines = [
+        "# Mixtral-Instruct pipeline on a tiny Mixtral", "",
+        f"Tiny base -> SFT -> DPO -> merged export -> evaluation, in {total / 60:.1f} minutes. Held-out data only: "
+        f"suite `{SUITE}` (the training never sees these prompts); preference rewards are against the base.", "",
+        "## Did each step help?", "",
+        *[f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in passed], "",
+        "## Evaluation", "",
+        markdown_table(["figure", *MODELS], comparison_rows(columns)), "",
+        "## Training", "",
+        "![SFT loss](sft_loss.png) ![DPO loss](dpo_loss.png)", "",
+        "## Router load on held-out conversations", "",
+        "Share of routed tokens per layer (rows) and expert (columns); balanced is 1/experts (red mark).", "",
+        "![router load](router_load.png)", "",
+        "## Stages", "",
+        markdown_table(["stage", "seconds", "training tokens/s", "output"], stage_rows), "",
+        "Per-model details (every figure, per-task exact match, all generations) are under `eval/`.",
+    ]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune.demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="runs/demo", help="everything goes here (replaced if it exists)")
+    parser.add_argument("--pretrain-steps", type=int, default=500, help="tiny base pretraining steps")
+    parser.add_argument("--hidden", type=int, default=128, help="tiny base width (intermediate = 2 x hidden)")
+    parser.add_argument("--sft-steps", type=int, default=300, help="0: recipes/tiny/sft.yaml's max_steps")
+    parser.add_argument("--dpo-steps", type=int, default=None, help="default: recipes/tiny/dpo.yaml's")
+    parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N rows of each file")
+    args = parser.parse_args(argv)
+
+    from finetune.chat_format import ChatEncoder, bundled_sentencepiece_path
+    from finetune.dpo import main as dpo_main
+    from finetune.export import export, verify
+    from finetune.sft import main as sft_main
+    from finetune.tiny import make_tiny_mixtral
+
+    out = Path(args.out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    # lm-eval tasks stay out: the demo's figures must not depend on what else is installed.
+    suite = load_suite(SUITE, ["lm_eval_tasks=[]"] + ([f"limit={args.eval_limit}"] if args.eval_limit else []))
+    started = time.perf_counter()
+    timings: dict = {}
+    base, sft, dpo, merged = out / "base", out / "sft", out / "dpo", out / "merged"
+    common = ["resume=never", "launch=null", "train.report_to=none", "train.save_strategy=no"]
+
+    # Wider than finetune.tiny's default (64): at 64 the base cannot hold the bundled facts well enough for
+    # exact answers after SFT (1 in 200 held-out prompts after 450 steps; 10 in 200 at 128).
+    stage(1, "base", f"seeded tiny Mixtral (hidden {args.hidden}), pretrained {args.pretrain_steps} steps on the bundled text")
+    run_stage(timings, "base", lambda: make_tiny_mixtral(base, seed=0, pretrain_steps=args.pretrain_steps,
+                                                         hidden=args.hidden, intermediate=2 * args.hidden))
+    timings["base"].update(tokens_per_second=args.pretrain_steps * 8 * 64 / timings["base"]["seconds"], output=str(base))
+
+    stage(2, "SFT", "recipes/tiny/sft.yaml: LoRA on attention, experts and router, load-balancing loss")
+    steps = [f"train.max_steps={args.sft_steps}"] if args.sft_steps else []
+    code = run_stage(timings, "SFT", lambda: sft_main(["recipes/tiny/sft.yaml", f"model={base}", f"output_dir={sft}",
+                                                       *common, *steps]))
+    if code:
+        return code
+    sft_run = training_figures(sft)
+    timings["SFT"].update(tokens_per_second=sft_run["tokens_per_second"], output=str(sft))
+
+    stage(3, "DPO", "recipes/tiny/dpo.yaml from the SFT adapter (reference = the SFT policy)")
+    steps = [f"train.max_steps={args.dpo_steps}"] if args.dpo_steps else []
+    code = run_stage(timings, "DPO", lambda: dpo_main(["recipes/tiny/dpo.yaml", f"model={base}", f"output_dir={dpo}",
+                                                       f"dpo.sft_adapter={sft}", *common, *steps]))
+    if code:
+        return code
+    dpo_run = training_figures(dpo)
+    timings["DPO"].update(tokens_per_second=dpo_run["tokens_per_second"], output=str(dpo))
+
+    stage(4, "export", "merge the DPO adapter into the base, shard by shard, and verify the logits")
+    encoder = ChatEncoder(bundled_sentencepiece_path())
+    prompts = [encoder.encode_prompt([{"role": "user", "content": text}]) for text in
+               ("What is 12 + 30?", "Écris « pomme » à l'envers.", "What is the capital of Japan?")]
+    tolerance = 1e-3
+    export_diff = run_stage(timings, "export", lambda: (export([str(dpo)], merged, progress=True),
+                                                       verify(merged, [str(dpo)], str(base), prompts))[1])
+    timings["export"]["output"] = str(merged)
+    print(f"max |logit difference| merged vs base + adapter: {export_diff:.2e}")
+
+    stage(5, "evaluate", f"base, SFT and DPO on {SUITE} (held-out)")
+    results = {}
+
+    def evaluate_all():
+        for name, path in zip(MODELS, (base, sft, dpo)):
+            print(f"evaluating {name}")
+            results[name], records = evaluate(str(path), suite, reference=str(base))
+            folder = out / "eval" / name.lower()
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "metrics.json").write_text(json.dumps(results[name], indent=2, ensure_ascii=False) + "\n")
+            with open(folder / "generations.jsonl", "w") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+    run_stage(timings, "evaluate", evaluate_all)
+    timings["evaluate"]["output"] = str(out / "eval")
+
+    stage(6, "report", str(out / "report.md"))
+    passed = checks(results, export_diff, tolerance)
+    total = time.perf_counter() - started
+    report = write_report(out, results, timings, passed, sft_run, dpo_run, total)
+    summary = {"seconds": total, "stages": timings, "checks": [{"check": t, "passed": ok} for t, ok in passed],
+               "results": {m: results[m] for m in MODELS}, "export_max_logit_difference": export_diff}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+
+    print("\n" + text_table(["figure", *MODELS], comparison_rows([(m, results[m]) for m in MODELS])))
+    print("\n" + text_table(["stage", "seconds", "tokens/s"],
+                            [[n, f"{t['seconds']:.1f}", f"{t['tokens_per_second']:,.0f}" if t.get("tokens_per_second")
+                              else ""] for n, t in timings.items()]))
+    print()
+    for text, ok in passed:
+        print(f"{'PASS' if ok else 'FAIL'}  {text}")
+    print(f"\ntotal {total / 60:.1f} min; report: {report}")
+    return 0 if all(ok for _, ok in passed) else 1
+
+
+if __name__ == "__main__":
+    from finetune.cli import run_guarded
+
+    sys.exit(run_guarded(main))
