@@ -128,10 +128,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # Wider than finetune.tiny's default (64): at 64 the base cannot hold the bundled facts well enough for
     # exact answers after SFT (1 in 200 held-out prompts after 450 steps; 10 in 200 at 128).
-    stage(1, "base", f"seeded tiny Mixtral (hidden {args.hidden}), pretrained {args.pretrain_steps} steps on the bundled text")
+    stage(1, "base", f"seeded tiny Mixtral (hidden {args.hidden}), pretrained {args.pretrain_steps} steps on the "
+                     "bundled text")
     run_stage(timings, "base", lambda: make_tiny_mixtral(base, seed=0, pretrain_steps=args.pretrain_steps,
                                                          hidden=args.hidden, intermediate=2 * args.hidden))
-    timings["base"].update(tokens_per_second=args.pretrain_steps * 8 * 64 / timings["base"]["seconds"], output=str(base))
+    pretrain_tokens = args.pretrain_steps * 8 * 64  # finetune.tiny.pretrain: batches of 8 x 64 tokens
+    timings["base"].update(tokens_per_second=pretrain_tokens / timings["base"]["seconds"], output=str(base))
 
     stage(2, "SFT", "recipes/tiny/sft.yaml: LoRA on attention, experts and router, load-balancing loss")
     steps = [f"train.max_steps={args.sft_steps}"] if args.sft_steps else []

@@ -300,7 +300,10 @@ def comparison_rows(columns: list[tuple[str, dict]]) -> list[list[str]]:
 
 def text_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+
+    def line(row):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
@@ -314,7 +317,8 @@ def heatmap_panels(columns: list[tuple[str, dict]]) -> list[tuple[str, list[list
     for name, results in columns:
         router = figure(results, ("heldout", "router"))
         if router:
-            panels.append((f"{name}: {Path(results['model']).name}\nMaxVio {router['maxvio_mean']:.2f}, CV {router['cv_mean']:.2f}", router["share"]))
+            title = f"{name}: {Path(results['model']).name}\nMaxVio {router['maxvio_mean']:.2f}, CV {router['cv_mean']:.2f}"
+            panels.append((title, router["share"]))
     return panels
 
 
