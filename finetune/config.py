@@ -206,16 +206,7 @@ OWNED_LORA_KEYS = {
 def load_recipe(path: str | Path, overrides: list[str] = (), expect_kind: str | None = None) -> Recipe:
     """Read a YAML recipe, apply `a.b=value` overrides, build and validate the Recipe."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file not found: {path}")
-    try:
-        raw = parse_yaml(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
-    for item in overrides:
-        apply_override(raw, item, path)
+    raw = read_yaml_mapping(path, overrides, "recipe")
     if "source" in raw:
         raise RecipeError(f"{path}: unknown key 'source'")
     raw["source"] = str(path)
@@ -226,6 +217,21 @@ def load_recipe(path: str | Path, overrides: list[str] = (), expect_kind: str | 
         )
     validate(recipe)
     return recipe
+
+
+def read_yaml_mapping(path: Path, overrides: list[str], what: str) -> dict:
+    """A YAML file's top-level mapping with `a.b=value` overrides applied; RecipeError naming the file."""
+    if not path.is_file():
+        raise RecipeError(f"{what} file not found: {path}")
+    try:
+        raw = parse_yaml(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item, path)
+    return raw
 
 
 def apply_override(raw: dict, item: str, path: Path) -> None:

@@ -36,10 +36,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from finetune.checkers import check_rule, exact_match, validate_rules
-from finetune.config import DataSource, RecipeError, _build, apply_override, parse_yaml
+from finetune.config import DataSource, RecipeError, _build, read_yaml_mapping
 from finetune.data import BadRow, DataError, bad_rows_message, check_messages, encode_source, read_rows
 from finetune.plots import router_heatmaps
 from finetune.scoring import (
@@ -82,15 +80,7 @@ class Suite:
 
 def load_suite(path: str | Path, overrides: list[str] = ()) -> Suite:
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"suite file not found: {path}")
-    try:
-        raw = parse_yaml(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML: {err}") from None
-    for item in overrides:
-        apply_override(raw, item, path)
-    suite = _build(Suite, raw, str(path), "")
+    suite = _build(Suite, read_yaml_mapping(path, overrides, "suite"), str(path), "")
     for key in ("chat", "preferences", "instructions", "lm_eval_include"):
         value = getattr(suite, key)
         if value is not None and not Path(value).exists():

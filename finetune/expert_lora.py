@@ -64,9 +64,8 @@ class _RoutedExpertLinear(torch.autograd.Function):
     keeps x and builds a separate input gradient for each part)."""
 
     @staticmethod
-    def forward(ctx, source, weight_t, a_t, b_t, rows, offsets, scale, act_fn):
-        counts = offsets.tolist()
-        ctx.bounds, ctx.scale, ctx.act_fn = list(zip([0] + counts[:-1], counts)), scale, act_fn
+    def forward(ctx, source, weight_t, a_t, b_t, rows, offsets, bounds, scale, act_fn):
+        ctx.bounds, ctx.scale, ctx.act_fn = bounds, scale, act_fn
         x = _input_rows(source, rows, act_fn)
         out = grouped_mm(x, weight_t, offsets)
         thin = out.new_empty(out.shape[0], a_t.shape[-1])
@@ -101,7 +100,7 @@ class _RoutedExpertLinear(torch.autograd.Function):
                 grad_source[start:end] = torch.autograd.grad(x, part, grad_x)[0]
                 x = x.detach()
             grad_a[expert] = (x.T @ g_thin).to(grad_a.dtype)
-        return grad_source, None, grad_a, grad_b, None, None, None, None
+        return grad_source, None, grad_a, grad_b, None, None, None, None, None
 
 
 def _input_rows(source, rows, act_fn):
@@ -119,17 +118,19 @@ def routed_experts_forward(experts: nn.Module, hidden_states, top_k_index, top_k
     expert_ids, order = torch.sort(top_k_index.reshape(-1))
     rows = order // top_k
     offsets = torch.cumsum(torch.bincount(expert_ids, minlength=experts.num_experts), 0).to(torch.int32)
+    counts = offsets.tolist()  # one host sync per layer, shared by both projections
+    bounds = list(zip([0] + counts[:-1], counts))
     if gate_up_lora is None:
         gate_up = grouped_mm(hidden_states[rows], experts.gate_up_proj.transpose(1, 2), offsets)
     else:
         gate_up = _RoutedExpertLinear.apply(hidden_states, experts.gate_up_proj.transpose(1, 2), *gate_up_lora[:2],
-                                            rows, offsets, gate_up_lora[2], None)
+                                            rows, offsets, bounds, gate_up_lora[2], None)
     if down_lora is None:
         gate, up = gate_up.chunk(2, dim=-1)
         out = grouped_mm(experts.act_fn(gate) * up, experts.down_proj.transpose(1, 2), offsets)
     else:
         out = _RoutedExpertLinear.apply(gate_up, experts.down_proj.transpose(1, 2), *down_lora[:2], None, offsets,
-                                        down_lora[2], experts.act_fn)
+                                        bounds, down_lora[2], experts.act_fn)
     out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
     # Back to token order, then sum each token's k expert outputs (fp32 like transformers' reduction).
     unsorted = torch.empty_like(out).index_copy_(0, order, out)
@@ -171,22 +172,17 @@ def use_routed_expert_lora(model: nn.Module) -> int:
     """Route every PEFT expert-LoRA stack through `routed_experts_forward`; returns how many. Idempotent."""
     from peft.tuners.lora.layer import ParamWrapper
 
+    stacks = [m for m in model.modules() if isinstance(m, ParamWrapper)]
+    inner = {id(m.base_layer) for m in stacks}
     swapped = 0
-    for module in model.modules():
-        wrappers, inner = _wrapper_stack(module) if isinstance(module, ParamWrapper) else ({}, None)
-        if not wrappers or not hasattr(inner, "gate_up_proj") or not hasattr(inner, "down_proj"):
-            continue
-        if _is_nested(model, module):
+    for module in stacks:
+        if id(module) in inner:
             continue  # only the outermost wrapper of a stack
-        module.forward = types.MethodType(_routed_forward, module)
-        swapped += 1
+        _, experts = _wrapper_stack(module)
+        if hasattr(experts, "gate_up_proj") and hasattr(experts, "down_proj"):
+            module.forward = types.MethodType(_routed_forward, module)
+            swapped += 1
     return swapped
-
-
-def _is_nested(model: nn.Module, module: nn.Module) -> bool:
-    from peft.tuners.lora.layer import ParamWrapper
-
-    return any(isinstance(parent, ParamWrapper) and parent.base_layer is module for parent in model.modules())
 
 
 def uses_routed_expert_lora(model: nn.Module) -> bool:

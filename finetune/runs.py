@@ -355,8 +355,8 @@ def write_router_load(eval_loads: list, out: Path, start_name: str) -> Path | No
     from finetune.plots import router_heatmaps
 
     (first_step, first), (last_step, last) = eval_loads[0], eval_loads[-1]
-    first_name = start_name if first_step == 0 else f"step {first_step}"
-    return router_heatmaps([(f"{first_name} (step {first_step})", first), (f"fine-tuned (step {last_step})", last)],
+    first_name = f"{start_name} (step 0)" if first_step == 0 else f"step {first_step}"
+    return router_heatmaps([(first_name, first), (f"fine-tuned (step {last_step})", last)],
                            out / "router_load.png")
 
 
