@@ -36,11 +36,10 @@ def stage(number: int, name: str, what: str) -> None:
 
 
 def training_figures(folder: Path) -> dict:
-    """Steps, mean logged training tokens/s and the log history of a finished SFT or DPO run."""
+    """Mean logged training tokens/s and the log history of a finished SFT or DPO run."""
     history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
     rates = [entry["tokens_per_second"] for entry in history if "tokens_per_second" in entry]
-    return {"history": history, "steps": max((e.get("step", 0) for e in history), default=0),
-            "tokens_per_second": sum(rates) / len(rates) if rates else None}
+    return {"history": history, "tokens_per_second": sum(rates) / len(rates) if rates else None}
 
 
 def run_stage(timings: dict, name: str, fn):
