@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from finetune.chat_format import IGNORE_INDEX, ChatEncoder, find_sentencepiece
+from finetune.checkpoints import check_run_folder
 from finetune.config import Recipe, RecipeError, load_recipe
 from finetune.data import Prepared, bad_rows_message, prepare, sample_lengths
 
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.max_length=512")
     args = parser.parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
+    check_run_folder(recipe)  # what the passes refuse before loading, refused here too
     encoder = encoder_for(recipe)
     prepared = prepare(recipe.data, recipe.kind, encoder, progress=sys.stderr.isatty())
     print(report(recipe, encoder, prepared))

@@ -23,13 +23,15 @@ PASSES = {
 
 
 def run_guarded(main_fn, argv=None) -> int:
-    """Run an entry point; recipe and data errors print one clear message and exit 2."""
+    """Run an entry point; recipe, data and output-folder errors print one clear message and exit 2."""
     from finetune.config import RecipeError
     from finetune.data import DataError
+    from finetune.export import ExportError
+    from finetune.output_folder import OutputError
 
     try:
         return main_fn(argv) or 0
-    except (RecipeError, DataError, FileNotFoundError) as err:
+    except (RecipeError, DataError, ExportError, OutputError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

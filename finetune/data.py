@@ -13,6 +13,7 @@ Nothing is ever truncated.
 
 from __future__ import annotations
 
+import codecs
 import json
 import random
 from collections import Counter
@@ -25,6 +26,7 @@ from finetune.config import DataConfig, DataSource
 
 LOCAL_SUFFIXES = {".jsonl", ".json", ".parquet"}
 ROLES = ("system", "user", "assistant")
+REQUIRED_FIELDS = {"sft": ("messages",), "dpo": ("prompt", "chosen", "rejected")}
 
 
 class DataError(ValueError):
@@ -55,24 +57,25 @@ class Prepared:
 # Reading
 
 
-def read_rows(source: DataSource) -> Iterator[tuple[str, Any]]:
-    """Yield (where, row) for every row of a source; a row that is not valid JSON yields a BadRow."""
+def read_rows(source: DataSource, columns: tuple[str, ...] = ()) -> Iterator[tuple[str, Any]]:
+    """Yield (where, row) for every row of a source; a JSON line that cannot be read yields a BadRow.
+    `columns`: the fields every row needs, checked once for columnar sources (parquet, Hub)."""
     path = Path(source.path)
     if path.suffix in LOCAL_SUFFIXES or path.exists():
-        if not path.is_file():
+        if not path.exists():
             raise DataError(f"data file not found: {source.path}")
+        if not path.is_file():
+            raise DataError(f"{source.path}: is a folder; give a .jsonl, .json or .parquet file")
         if path.suffix == ".jsonl":
-            with path.open(encoding="utf-8") as f:
-                for line_no, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        yield f"{path}:{line_no}", json.loads(line)
-                    except json.JSONDecodeError as err:
-                        yield f"{path}:{line_no}", BadRow(f"{path}:{line_no}", f"malformed JSON ({err.msg})")
+            yield from _jsonl_rows(path)
         elif path.suffix == ".json":
+            raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)
             try:
-                rows = json.loads(path.read_text(encoding="utf-8"))
+                rows = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as err:
+                line = raw.count(b"\n", 0, err.start) + 1
+                line_start = raw.rfind(b"\n", 0, err.start) + 1
+                raise DataError(f"{path}:{line}: {_utf8_problem(raw[line_start:], err.start - line_start)}") from None
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}: malformed JSON at line {err.lineno}: {err.msg}") from None
             if not isinstance(rows, list):
@@ -80,10 +83,7 @@ def read_rows(source: DataSource) -> Iterator[tuple[str, Any]]:
             for i, row in enumerate(rows, start=1):
                 yield f"{path}:row {i}", row
         elif path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-                yield f"{path}:row {i}", row
+            yield from _parquet_rows(path, columns)
         else:
             raise DataError(f"{path}: unsupported data file type (use .jsonl, .json or .parquet)")
         return
@@ -93,8 +93,58 @@ def read_rows(source: DataSource) -> Iterator[tuple[str, Any]]:
         dataset = datasets.load_dataset(source.path, source.subset, split=source.split)
     except Exception as err:  # offline, missing, or a typo in the name: say which source
         raise DataError(f"cannot load Hub dataset {source.path!r} (split {source.split!r}): {err}") from None
+    _check_columns(f"{source.path}[{source.split}]", dataset.column_names, columns)
     for i, row in enumerate(dataset):
         yield f"{source.path}[{source.split}]:row {i}", row
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    # Bytes, decoded line by line: one bad byte is that line's problem, not a traceback for the file.
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if line_no == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)  # Windows editors start files with one
+            where = f"{path}:{line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield where, BadRow(where, _utf8_problem(raw, err.start))
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as err:
+                yield where, BadRow(where, f"malformed JSON ({err.msg})")
+
+
+def _utf8_problem(line: bytes, offset: int) -> str:
+    """'not valid UTF-8 (byte 0x.. at column N)', N counted in characters from 1."""
+    column = len(line[:offset].decode("utf-8", errors="replace")) + 1
+    return f"not valid UTF-8 (byte 0x{line[offset]:02x} at column {column})"
+
+
+def _parquet_rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[str, Any]]:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pyarrow.ArrowException, OSError) as err:
+        raise DataError(f"{path}: not a readable parquet file ({err})") from None
+    _check_columns(str(path), parquet.schema_arrow.names, columns)
+    row = 0
+    for batch in parquet.iter_batches(batch_size=1024):  # one batch in memory at a time
+        for item in batch.to_pylist():
+            row += 1
+            yield f"{path}:row {row}", item
+
+
+def _check_columns(where: str, present: list[str], needed: tuple[str, ...]) -> None:
+    missing = [c for c in needed if c not in present]
+    if missing:
+        raise DataError(f"{where}: has columns {', '.join(present) or '(none)'}; rows here need "
+                        f"{', '.join(needed)} (missing: {', '.join(missing)})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,7 +268,7 @@ def encode_source(source: DataSource, kind: str, encoder: ChatEncoder, max_lengt
 
     encode = encode_preference_row if kind == "dpo" else encode_chat_row
     samples, bad, read = [], [], 0
-    rows = read_rows(source)
+    rows = read_rows(source, REQUIRED_FIELDS[kind])
     for where, row in tqdm(rows, desc=f"encoding {source.path}", unit=" rows", disable=not progress, leave=False):
         read += 1
         if isinstance(row, BadRow):

@@ -98,9 +98,30 @@ def write_report(out: Path, results: dict, timings: dict, passed: list, sft: dic
     return path
 
 
+DEMO_MARKER = ".finetune-demo"
+
+
+def claim_demo_folder(out: Path) -> None:
+    """Make `out` the demo's folder: new, empty, or written by an earlier demo (marked), which is replaced.
+    Any other folder is refused: the demo never deletes what it did not write. Not staged and renamed like
+    finetune.export: the adapters it writes record the base's path, which a rename would break."""
+    from finetune.output_folder import OutputError, check_output, listing
+
+    check_output(out, {"repository's bundled data": Path(SUITE).resolve().parent.parent / "data"}, overwrite=True)
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / DEMO_MARKER).is_file():
+            raise OutputError(f"--out {out}: the folder exists, is not empty ({listing(out)}) and was not written by "
+                              "the demo; choose another --out (the demo only replaces its own earlier runs)")
+        print(f"replacing the earlier demo run in {out}")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by python -m finetune.demo; a later demo run may replace this folder\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m finetune.demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="runs/demo", help="everything goes here (replaced if it exists)")
+    parser.add_argument("--out", default="runs/demo",
+                        help="everything goes here; an earlier demo's folder is replaced, any other non-empty one refused")
     parser.add_argument("--pretrain-steps", type=int, default=500, help="tiny base pretraining steps")
     parser.add_argument("--hidden", type=int, default=128, help="tiny base width (intermediate = 2 x hidden)")
     parser.add_argument("--sft-steps", type=int, default=300, help="0: recipes/tiny/sft.yaml's max_steps")
@@ -110,14 +131,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from finetune.chat_format import ChatEncoder, bundled_sentencepiece_path
     from finetune.dpo import main as dpo_main
-    from finetune.export import export, verify
+    from finetune.export import export
     from finetune.sft import main as sft_main
     from finetune.tiny import make_tiny_mixtral
 
     out = Path(args.out)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    claim_demo_folder(out)
     # lm-eval tasks stay out: the demo's figures must not depend on what else is installed.
     suite = load_suite(SUITE, ["lm_eval_tasks=[]"] + ([f"limit={args.eval_limit}"] if args.eval_limit else []))
     started = time.perf_counter()
@@ -157,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [encoder.encode_prompt([{"role": "user", "content": text}]) for text in
                ("What is 12 + 30?", "Écris « pomme » à l'envers.", "What is the capital of Japan?")]
     tolerance = 1e-3
-    export_diff = run_stage(timings, "export", lambda: (export([str(dpo)], merged, progress=True),
-                                                       verify(merged, [str(dpo)], str(base), prompts))[1])
+    export_diff = run_stage(timings, "export", lambda: export([str(dpo)], merged, verify=True, prompts=prompts,
+                                                              tolerance=tolerance).max_logit_difference)
     timings["export"]["output"] = str(merged)
     print(f"max |logit difference| merged vs base + adapter: {export_diff:.2e}")
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from finetune.checkers import check_rule, exact_match, validate_rules
 from finetune.config import DataSource, RecipeError, _build, read_yaml_mapping
 from finetune.data import BadRow, DataError, bad_rows_message, check_messages, encode_source, read_rows
+from finetune.output_folder import check_output, staged
 from finetune.plots import router_heatmaps
 from finetune.scoring import (
     LoadedModel,
@@ -94,6 +95,11 @@ def load_suite(path: str | Path, overrides: list[str] = ()) -> Suite:
 
 # ----------------------------------------------------------------------------------------------
 # Reading the suite's data
+
+
+def suite_files(suite: Suite) -> list[str]:
+    """The data files a suite reads (inputs an --out folder must keep clear of)."""
+    return [p for p in (suite.chat, suite.preferences, suite.instructions, suite.lm_eval_include) if p]
 
 
 def encoded(path: str, kind: str, loaded: LoadedModel, suite: Suite) -> list[dict]:
@@ -349,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m finetune.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("model", help="model folder, Hub id, or adapter folder")
     parser.add_argument("--suite", required=True, help="suite YAML, e.g. eval/bundled.yaml")
-    parser.add_argument("--out", required=True, help="folder for metrics.json, report.md and the plots")
+    parser.add_argument("--out", required=True, help="new folder for metrics.json, report.md and the plots")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out when done")
     parser.add_argument("--baseline", help="a second model or adapter, evaluated on the same suite for comparison")
     parser.add_argument("--reference", help="reference model for preference rewards (default: an adapter's base)")
     parser.add_argument("--base", help="base model for adapters (default: the one the adapter records)")
@@ -358,31 +365,42 @@ def main(argv: list[str] | None = None) -> int:
 
     suite = load_suite(args.suite, args.overrides)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    inputs = {"model": args.model, "baseline": args.baseline, "reference": args.reference, "base": args.base,
+              "suite": args.suite, **{f"suite file {p}": p for p in suite_files(suite)}}
+    check_output(out, inputs, args.overwrite)
     columns, all_records = [], []
     for name, path in [("model", args.model)] + ([("baseline", args.baseline)] if args.baseline else []):
         print(f"evaluating {name} {path} on suite {suite.name}")
         results, records = evaluate(path, suite, args.base, args.reference)
         columns.append((name, results))
         all_records += [{"model": name, **r} for r in records]
+    with staged(out) as folder:
+        report = write_outputs(folder, suite, columns, all_records, args.baseline is not None)
+    report = out / report.name
 
-    payload = {name: results for name, results in columns}
-    if args.baseline:
-        first, second = summary(columns[0][1]), summary(columns[1][1])
-        payload["difference"] = {k: first[k] - second[k] for k in first if k in second}
-    payload["suite"] = dataclasses.asdict(suite)
-    (out / "metrics.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
-    with open(out / "generations.jsonl", "w") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in all_records)
-    panels = heatmap_panels(columns)
-    if panels:
-        router_heatmaps(panels, out / "router_load.png")
-    report = write_report(out, suite, columns, [r for r in all_records if r["model"] == "model"])
 
     header = ["figure"] + [name for name, _ in columns] + (["difference"] if args.baseline else [])
     print(text_table(header, comparison_rows(columns)))
-    print(f"wrote {out / 'metrics.json'}, {report}" + (f", {out / 'router_load.png'}" if panels else ""))
+    plot = out / "router_load.png"
+    print(f"wrote {out / 'metrics.json'}, {report}" + (f", {plot}" if plot.is_file() else ""))
     return 0
+
+
+def write_outputs(folder: Path, suite: Suite, columns: list[tuple[str, dict]], all_records: list[dict],
+                  with_difference: bool) -> Path:
+    """metrics.json, generations.jsonl, router_load.png and report.md into `folder`; the report's path."""
+    payload = {name: results for name, results in columns}
+    if with_difference:
+        first, second = summary(columns[0][1]), summary(columns[1][1])
+        payload["difference"] = {k: first[k] - second[k] for k in first if k in second}
+    payload["suite"] = dataclasses.asdict(suite)
+    (folder / "metrics.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    with open(folder / "generations.jsonl", "w") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in all_records)
+    panels = heatmap_panels(columns)
+    if panels:
+        router_heatmaps(panels, folder / "router_load.png")
+    return write_report(folder, suite, columns, [r for r in all_records if r["model"] == "model"])
 
 
 def _same(a: str, b: str) -> bool:

@@ -7,11 +7,15 @@ Why by hand: PEFT's `merge_and_unload` + `save_pretrained` needs the whole model
 Mixtral 8x7B in bf16). Here each base shard is read, the LoRA deltas of its tensors are added (attention
 q/k/v/o; per-expert w1/w3 from the fused gate_up delta, w2 from the down delta; the router replaced by
 the adapter's trained copy), the shard is written under the same name in the original per-expert
-layout (a base saved with fused experts is split), and freed. Adapter tensors are read on demand. Peak
-memory is about one shard plus one expert's delta.
+layout (a base saved with fused experts is split), and freed. Adapter tensors are read on demand, a
+layer's expert factors once while its shard is written. Peak memory is about one shard plus one layer's
+expert factors.
 
-Afterwards the export checks itself (unless --no-verify): the merged model and base + adapters (PEFT)
-give the same logits on a few prompts, and it fails on a mismatch.
+Then the export checks itself (unless --no-verify): the merged model and base + adapters (PEFT) give the
+same logits on a few prompts. Everything is written into a hidden `.OUT.partial` folder that becomes
+`--out` only once the verification passed (finetune/output_folder.py): a failure or a kill leaves no
+`--out`. `--out` must not be, hold or lie inside the base or an adapter, and an existing non-empty
+`--out` is replaced only with `--overwrite`.
 """
 
 from __future__ import annotations
@@ -22,12 +26,15 @@ import json
 import re
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
+
+from finetune.output_folder import OutputError, check_output, staged
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "chat_template.jinja",
                    "special_tokens_map.json")
@@ -40,6 +47,17 @@ FUSED_ROUTER_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.weight$")
 
 class ExportError(ValueError):
     """An adapter or base checkpoint that cannot be merged; the message says which and why."""
+
+
+class VerificationError(ExportError):
+    """The merged model does not reproduce base + adapters; nothing was written to --out."""
+
+
+@dataclass
+class Exported:
+    folder: Path
+    max_logit_difference: float | None
+    """Merged vs base + adapters applied by PEFT; None when not verified."""
 
 
 class Adapter:
@@ -166,7 +184,10 @@ def base_files(base: str) -> Path:
 
 
 def export(adapters: list[str], out: str | Path, base: str | None = None, dtype: str | None = None,
-           progress: bool = True) -> Path:
+           progress: bool = True, overwrite: bool = False, verify: bool = False,
+           prompts: list[list[int]] | None = None, tolerance: float | None = None) -> Exported:
+    """Merge `adapters` (in order) into the base and write `out`; with `verify`, only if the merged model
+    reproduces base + adapters within `tolerance` (default 1e-3, 0.1 for bf16/fp16)."""
     out = Path(out)
     for adapter in adapters:
         if not (Path(adapter) / "adapter_config.json").is_file():
@@ -176,14 +197,42 @@ def export(adapters: list[str], out: str | Path, base: str | None = None, dtype:
     if not base:
         raise ExportError("no --base given and the adapter records no base model")
     base_dir = base_files(base)
+    check_output(out, {"base model": base_dir, **{f"adapter {a}": a for a in adapters}}, overwrite)
     config = json.loads((base_dir / "config.json").read_text())
     hidden, intermediate, experts = config["hidden_size"], config["intermediate_size"], config["num_local_experts"]
     loaded = [Adapter(a, hidden, intermediate, experts) for a in adapters]
+    with staged(out) as folder:
+        write_merged(folder, base_dir, config, loaded, dtype, progress)
+        write_model_card(folder, out.name, base, adapters)
+        difference = None
+        if verify:
+            if prompts is None:
+                from finetune.chat_format import ChatEncoder, find_sentencepiece
+
+                encoder = ChatEncoder(find_sentencepiece(str(folder)))
+                prompts = [encoder.encode_prompt([{"role": "user", "content": text}]) for text in VERIFY_PROMPTS]
+            difference = verify_merge(folder, adapters, str(base_dir), prompts)
+            if tolerance is None:
+                tolerance = 0.1 if dtype in ("bf16", "fp16") else 1e-3
+            print(f"verification: max |logit difference| merged vs base + adapters = {difference:.2e} "
+                  f"(tolerance {tolerance:g})")
+            if difference > tolerance:
+                raise VerificationError(f"the merged model does not reproduce base + adapters (max |logit difference| "
+                                        f"{difference:.2e} > {tolerance:g}); nothing was written to {out}")
+    return Exported(out, difference)
+
+
+VERIFY_PROMPTS = ("What is 12 + 30?", "Écris « pomme » à l'envers.", "List the letters of 'tiger' separated by commas.")
+
+
+def write_merged(folder: Path, base_dir: Path, config: dict, adapters: list[Adapter], dtype: str | None,
+                 progress: bool) -> None:
+    """Merged shards, index, config, generation config and tokenizer files into `folder`."""
+    intermediate = config["intermediate_size"]
     index_file = base_dir / "model.safetensors.index.json"
     shards = sorted(set(json.loads(index_file.read_text())["weight_map"].values())) if index_file.is_file() else [
         "model.safetensors"
     ]
-    out.mkdir(parents=True, exist_ok=True)
     target = DTYPES[dtype] if dtype else None
     total_size, weight_map = 0, {}
     for shard in tqdm(shards, desc="merging shards", unit=" shard", disable=not progress):
@@ -192,31 +241,31 @@ def export(adapters: list[str], out: str | Path, base: str | None = None, dtype:
             for base_key in f.keys():
                 original_dtype = f.get_slice(base_key).get_dtype()
                 cast = target or getattr(torch, {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[original_dtype])
-                for key, tensor in original_layout(base_key, f.get_tensor(base_key), loaded, intermediate):
+                for key, tensor in original_layout(base_key, f.get_tensor(base_key), adapters, intermediate):
                     tensors[key] = tensor.to(cast).contiguous()
                     total_size += tensors[key].numel() * tensors[key].element_size()
                     weight_map[key] = shard
-        save_file(tensors, str(out / shard), metadata={"format": "pt"})
+        save_file(tensors, str(folder / shard), metadata={"format": "pt"})
         del tensors
     if index_file.is_file():
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-        (out / index_file.name).write_text(json.dumps(index, indent=2) + "\n")
+        (folder / index_file.name).write_text(json.dumps(index, indent=2) + "\n")
+    config = dict(config)
     if dtype:
         config["torch_dtype"] = config["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if (base_dir / "generation_config.json").is_file():
-        shutil.copy(base_dir / "generation_config.json", out)
-    tokenizer_source = Path(adapters[-1]) if adapters and (Path(adapters[-1]) / "tokenizer.json").is_file() else base_dir
+        shutil.copy(base_dir / "generation_config.json", folder)
+    last = adapters[-1].folder if adapters else None
+    tokenizer_source = last if last is not None and (last / "tokenizer.json").is_file() else base_dir
     for name in TOKENIZER_FILES:
         if (tokenizer_source / name).is_file():
-            shutil.copy(tokenizer_source / name, out)
-    write_model_card(out, base, adapters)
-    return out
+            shutil.copy(tokenizer_source / name, folder)
 
 
-def write_model_card(out: Path, base: str, adapters: list[str]) -> None:
+def write_model_card(folder: Path, name: str, base: str, adapters: list[str]) -> None:
     lines = ["---", f"base_model: {base}", "library_name: transformers", "tags: [mixtral, moe, merged-lora]", "---", "",
-             f"# {out.name}", "", f"{base} with these LoRA adapters merged in, in order:", ""]
+             f"# {name}", "", f"{base} with these LoRA adapters merged in, in order:", ""]
     for adapter in adapters:
         recipe = Path(adapter) / "recipe.yaml"
         lines.append(f"- `{Path(adapter).name}`" + (" (recipe below)" if recipe.is_file() else ""))
@@ -225,10 +274,10 @@ def write_model_card(out: Path, base: str, adapters: list[str]) -> None:
         if recipe.is_file():
             lines += ["", f"## {Path(adapter).name}", "", "```yaml", recipe.read_text().strip(), "```"]
     lines += ["", "Weights are in the original Mixtral layout (`block_sparse_moe.experts.K.w1/w2/w3`)."]
-    (out / "README.md").write_text("\n".join(lines) + "\n")
+    (folder / "README.md").write_text("\n".join(lines) + "\n")
 
 
-def verify(out: Path, adapters: list[str], base: str, prompts: list[list[int]]) -> float:
+def verify_merge(out: Path, adapters: list[str], base: str, prompts: list[list[int]]) -> float:
     """Max |logit difference| between the merged model and base + adapters applied by PEFT."""
     if not adapters:
         raise ExportError("nothing to verify: no adapters")
@@ -252,34 +301,27 @@ def verify(out: Path, adapters: list[str], base: str, prompts: list[list[int]]) 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m finetune.export", description=__doc__.split("\n")[0])
     parser.add_argument("adapters", nargs="+", help="adapter folders, merged in this order")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True, help="new folder for the merged model (never the base or an adapter)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is verified")
     parser.add_argument("--base", default=None, help="base model (default: the first adapter's recorded base)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the base's dtypes")
     parser.add_argument("--no-verify", action="store_true", help="skip the logits check (it loads two models)")
     parser.add_argument("--tolerance", type=float, default=None, help="max |logit diff| (default 1e-3, bf16/fp16 0.1)")
     args = parser.parse_args(argv)
     try:
-        out = export(args.adapters, args.out, args.base, args.dtype)
-    except ExportError as err:
+        exported = export(args.adapters, args.out, args.base, args.dtype, overwrite=args.overwrite,
+                          verify=not args.no_verify, tolerance=args.tolerance)
+    except VerificationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except (ExportError, OutputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"merged model written to {out}")
-    if args.no_verify:
-        return 0
-    from finetune.chat_format import ChatEncoder, find_sentencepiece
-
-    encoder = ChatEncoder(find_sentencepiece(str(out)))
-    prompts = [encoder.encode_prompt([{"role": "user", "content": text}]) for text in
-               ("What is 12 + 30?", "Écris « pomme » à l'envers.", "List the letters of 'tiger' separated by commas.")]
-    base = args.base or json.loads((Path(args.adapters[0]) / "adapter_config.json").read_text())["base_model_name_or_path"]
-    worst = verify(out, args.adapters, base, prompts)
-    tolerance = args.tolerance or (0.1 if args.dtype in ("bf16", "fp16") else 1e-3)
-    print(f"verification: max |logit difference| merged vs base + adapters = {worst:.2e} (tolerance {tolerance:g})")
-    if worst > tolerance:
-        print("error: the merged model does not reproduce base + adapters", file=sys.stderr)
-        return 1
+    print(f"merged model written to {exported.folder}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from finetune.cli import run_guarded
+
+    sys.exit(run_guarded(main))

@@ -10,20 +10,18 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
 
 from finetune.card import adapter_card
 from finetune.chat_format import ChatEncoder, save_tokenizer
-from finetune.config import (
-    RUN_CONTROL_KEYS,
-    Recipe,
-    RecipeError,
-    dump_yaml,
-    load_recipe,
-    parse_yaml,
-    to_dict,
-    trainer_config_class,
+from finetune.checkpoints import (
+    INTERRUPTED_EXIT_CODE,
+    RECIPE_FILE,
+    SaveRecipeWithCheckpoint,
+    StopWithCheckpoint,
+    check_run_folder,
+    resume_checkpoint,
 )
+from finetune.config import Recipe, RecipeError, dump_yaml, load_recipe, trainer_config_class
 from finetune.model import use_bf16
 from finetune.moe import (
     RouterTap,
@@ -34,8 +32,6 @@ from finetune.moe import (
     policy_logits,
     router_losses,
 )
-
-RECIPE_FILE = "recipe.yaml"
 
 
 def trainer_args(recipe: Recipe):
@@ -145,65 +141,9 @@ def trainer_inputs(recipe: Recipe, data, encoder: ChatEncoder) -> dict:
         "train_dataset": Dataset.from_list(data.train),
         "eval_dataset": Dataset.from_list(data.eval) if data.eval else None,
         "processing_class": encoder.hf_tokenizer,
-        "callbacks": [StopAfterSteps(recipe.stop_after_steps)] if recipe.stop_after_steps else None,
+        "callbacks": [StopWithCheckpoint(recipe.stop_after_steps), SaveRecipeWithCheckpoint(recipe)],
         "moe": recipe.moe,
     }
-
-
-# ----------------------------------------------------------------------------------------------
-# Resume
-
-
-def resume_checkpoint(recipe: Recipe) -> str | None:
-    """The checkpoint to continue from, per `recipe.resume`; refuses one from a different recipe."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    out = Path(recipe.output_dir)
-    if recipe.resume == "never" or not out.is_dir():
-        return None
-    checkpoint = recipe.resume if recipe.resume != "auto" else get_last_checkpoint(str(out))
-    if checkpoint is None:
-        return None
-    if not Path(checkpoint).is_dir():
-        raise RecipeError(f"{recipe.source}: resume={recipe.resume!r}: no such checkpoint folder")
-    saved = out / RECIPE_FILE
-    if saved.is_file():
-        before = _comparable(parse_yaml(saved.read_text()))
-        now = _comparable(to_dict(recipe))
-        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-        if changed:
-            raise RecipeError(
-                f"{recipe.source}: {out} holds checkpoints of a different run (changed: {', '.join(changed)}). "
-                "Use a new output_dir, or resume=never to start over there."
-            )
-    return str(checkpoint)
-
-
-def _comparable(recipe_dict: dict) -> dict:
-    flat = {}
-
-    def walk(prefix, value):
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}{k}.", v)
-        else:
-            flat[prefix[:-1]] = value
-
-    walk("", {k: v for k, v in recipe_dict.items() if k not in RUN_CONTROL_KEYS})
-    return flat
-
-
-class StopAfterSteps(TrainerCallback):
-    """Stop (and save a checkpoint) after `steps` optimizer steps, leaving the schedule untouched."""
-
-    def __init__(self, steps: int):
-        self.steps = steps
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.steps:
-            control.should_save = True
-            control.should_training_stop = True
-        return control
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,13 +331,14 @@ def run_pass(kind: str, build, description: str, argv: list[str] | None = None) 
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=5")
     cli = parser.parse_args(argv)
 
-    # 1. Recipe: every key checked, TRL's arguments built, before anything heavy happens.
+    # 1. Recipe: every key checked, TRL's arguments built, the output folder checked, before anything heavy.
     recipe = load_recipe(cli.recipe, cli.overrides, expect_kind=kind)
     trainer_args(recipe)
+    check_run_folder(recipe)
     launched = relaunch_with_accelerate(recipe, cli.recipe, cli.overrides)
     if launched is not None:
         return launched
-    resume_from = resume_checkpoint(recipe)
+    resume_from = resume_checkpoint(recipe, announce=int(os.environ.get("RANK", "0")) == 0)
 
     # 2. Data, model and trainer: the pass's recipe.
     trainer, encoder = build(recipe)
@@ -408,6 +349,12 @@ def run_pass(kind: str, build, description: str, argv: list[str] | None = None) 
     if resume_from and is_main:
         print(f"resuming from {resume_from}")
     trainer.train(resume_from_checkpoint=resume_from)
+    stopper = next(c for c in trainer.callback_handler.callbacks if isinstance(c, StopWithCheckpoint))
+    if stopper.interrupted:
+        if is_main:
+            print(f"stopped by SIGTERM at step {trainer.state.global_step} with a checkpoint in {recipe.output_dir}; "
+                  f"run the same command again to continue (exit code {INTERRUPTED_EXIT_CODE})", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
 
     # 4. Save (adapter, tokenizer, resolved recipe, log history, model card), then push if asked.
     save_outputs(trainer, recipe, encoder)

@@ -1,4 +1,5 @@
-"""Materialise a tiny random Mixtral checkpoint on disk, for the tiny recipes, the demo and the tests.
+"""Materialise a seeded tiny Mixtral checkpoint on disk (briefly pretrained by default), for the tiny
+recipes, the demo and the tests.
 
     python -m finetune.tiny runs/tiny-mixtral [--pretrain-steps 300] [--layers 2] [--experts 4] [--seed 0]
 
@@ -102,13 +103,18 @@ def make_tiny_mixtral(
     seed: int = 0,
     max_shard_size: str = "2MB",
     pretrain_steps: int = 0,
+    overwrite: bool = False,
     **config_kwargs,
 ) -> Path:
-    """Write a seeded tiny Mixtral (optionally pretrained for `pretrain_steps`) to out_dir."""
+    """Write a seeded tiny Mixtral (optionally pretrained for `pretrain_steps`) to out_dir, which must be
+    new or empty (or `overwrite`); it appears only once complete (finetune/output_folder.py)."""
     import torch
     from transformers import GenerationConfig, MixtralForCausalLM
 
+    from finetune.output_folder import check_output, staged
+
     out_dir = Path(out_dir)
+    check_output(out_dir, {"bundled training text": DEFAULT_CORPUS}, overwrite, option="out_dir")
     config = tiny_config(**config_kwargs)
     torch.manual_seed(seed)
     model = MixtralForCausalLM(config)
@@ -118,10 +124,11 @@ def make_tiny_mixtral(
             layer.mlp.gate.weight.normal_(0.0, 0.5)
     if pretrain_steps:
         pretrain(model, pretrain_steps, seed)
-    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
-    GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, max_new_tokens=64).save_pretrained(out_dir)
-    save_tokenizer(bundled_sentencepiece_path(), out_dir)
-    check_original_layout(out_dir)
+    with staged(out_dir) as folder:
+        model.save_pretrained(folder, max_shard_size=max_shard_size)
+        GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, max_new_tokens=64).save_pretrained(folder)
+        save_tokenizer(bundled_sentencepiece_path(), folder)
+        check_original_layout(folder)
     return out_dir
 
 
@@ -155,12 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pretrain-steps", type=int, default=300, help="0 keeps the random initialisation")
     parser.add_argument("--max-shard-size", default="2MB", help="e.g. 2MB: small shards exercise sharded loading")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty out_dir")
     args = parser.parse_args(argv)
     out = make_tiny_mixtral(
         args.out_dir,
         seed=args.seed,
         max_shard_size=args.max_shard_size,
         pretrain_steps=args.pretrain_steps,
+        overwrite=args.overwrite,
         layers=args.layers,
         experts=args.experts,
         hidden=args.hidden,
@@ -173,4 +182,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from finetune.cli import run_guarded
+
+    sys.exit(run_guarded(main))

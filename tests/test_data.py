@@ -171,3 +171,69 @@ def test_every_bad_preference_row_is_named(tmp_path, encoder):
     for sample in prepared.train:
         assert sample["prompt_ids"] == encoder.encode_prompt(PROMPT)
     assert {tuple(s["chosen_ids"]) for s in prepared.train} == {tuple(encoder.reply_ids("A"))}
+
+
+def test_bad_utf8_is_named_by_line_byte_and_column(tmp_path, encoder):
+    good = json.dumps(GOOD).encode()
+    bad = json.dumps(chat("caf_ au lait?", "yes")).encode().replace(b"caf_", b"caf\xe9")  # Latin-1 e-acute
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(good + b"\n" + bad + b"\n" + good + b"\n")
+    column = bad.index(b"\xe9") + 1  # everything before it is ASCII: bytes = characters
+    with pytest.raises(DataError, match=rf"{path}:2: not valid UTF-8 \(byte 0xe9 at column {column}\)"):
+        prepare(config(path), "sft", encoder, progress=False)
+    prepared = prepare(config(path, on_bad_rows="skip"), "sft", encoder, progress=False)
+    assert len(prepared.train) == 2 and prepared.skipped_by_reason() == {"not valid UTF-8": 1}
+    # The column counts characters: a valid two-byte character before the bad byte counts once.
+    path.write_bytes(good + b'\n{"x": "\xc3\xa9\xff"}\n')
+    prepared = prepare(config(path, on_bad_rows="skip"), "sft", encoder, progress=False)
+    assert prepared.bad_rows[0].reason == "not valid UTF-8 (byte 0xff at column 9)"
+    # A .json file is one document: the error names its line.
+    whole = tmp_path / "rows.json"
+    whole.write_bytes(b'[\n  {"messages": []},\n  {"x": "\xff"}\n]')
+    with pytest.raises(DataError, match=rf"{whole}:3: not valid UTF-8 \(byte 0xff at column 10\)"):
+        prepare(config(whole), "sft", encoder, progress=False)
+
+
+def test_a_leading_byte_order_mark_is_accepted(tmp_path, encoder):
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + (json.dumps(GOOD) + "\n").encode() * 3)
+    assert len(prepare(config(jsonl), "sft", encoder, progress=False).train) == 3
+    whole = tmp_path / "bom.json"
+    whole.write_bytes(b"\xef\xbb\xbf" + json.dumps([GOOD, GOOD]).encode())
+    assert len(prepare(config(whole), "sft", encoder, progress=False).train) == 2
+
+
+def test_parquet_with_wrong_columns_or_not_parquet_is_named(tmp_path, encoder):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    wrong = tmp_path / "wrong.parquet"
+    pq.write_table(pa.table({"text": ["a"], "id": [1]}), wrong)
+    with pytest.raises(DataError, match=rf"{wrong}: has columns text, id; rows here need messages \(missing: messages\)"):
+        prepare(config(wrong), "sft", encoder, progress=False)
+    with pytest.raises(DataError, match=r"has columns text, id; rows here need prompt, chosen, rejected"):
+        prepare(config(wrong), "dpo", encoder, progress=False)
+    fake = tmp_path / "fake.parquet"
+    fake.write_text('{"messages": []}\n')
+    with pytest.raises(DataError, match=rf"{fake}: not a readable parquet file"):
+        prepare(config(fake), "sft", encoder, progress=False)
+
+
+def test_a_folder_given_as_data_file_is_named_as_a_folder(tmp_path, encoder):
+    (tmp_path / "chat.jsonl").mkdir()
+    with pytest.raises(DataError, match="is a folder"):
+        prepare(config(tmp_path / "chat.jsonl"), "sft", encoder, progress=False)
+
+
+def test_data_errors_reach_the_command_line_as_one_line(tmp_path, repo_root, tiny_model_dir):
+    import subprocess
+    import sys
+
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"messages": "\xe9"}\n')
+    proc = subprocess.run([sys.executable, "-m", "finetune.check", "recipes/tiny/sft.yaml", f"model={tiny_model_dir}",
+                           f"output_dir={tmp_path / 'out'}", f"data.train=[{{path: {path}}}]", "data.eval=[]",
+                           "data.eval_fraction=0"], cwd=repo_root, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert f"{path}:2: not valid UTF-8 (byte 0xe9 at column 15)" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_overrides
 from safetensors import safe_open
 
-from finetune.export import export, verify
+from finetune.export import export, verify_merge
 from finetune.export import main as export_main
 from finetune.sft import main as sft_main
 from finetune.tiny import checkpoint_keys, make_tiny_mixtral
@@ -37,7 +37,7 @@ def tensors(folder):
 
 def test_export_keeps_layout_and_merges_every_group(sharded_base, adapter, tmp_path):
     assert len(list(sharded_base.glob("model-*.safetensors"))) >= 8
-    out = export([str(adapter)], tmp_path / "merged", progress=False)
+    out = export([str(adapter)], tmp_path / "merged", progress=False).folder
     assert checkpoint_keys(out) == checkpoint_keys(sharded_base)
     base, merged = tensors(sharded_base), tensors(out)
     assert {k: v.shape for k, v in merged.items()} == {k: v.shape for k, v in base.items()}
@@ -55,17 +55,17 @@ def test_export_keeps_layout_and_merges_every_group(sharded_base, adapter, tmp_p
         assert (out / name).is_file(), name
     # transformers loads it, and it computes what base + adapter computes (PEFT applying LoRA at run time).
     prompts = [[1, 733, 16289, 28793, 1824, 349, 28705, 28750, 28806, 28770, 28804, 733, 28748, 16289, 28793]]
-    assert verify(out, [str(adapter)], str(sharded_base), prompts) < 1e-4
+    assert verify_merge(out, [str(adapter)], str(sharded_base), prompts) < 1e-4
 
 
 def test_several_adapters_merge_in_order(sharded_base, adapter, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    out = export([str(adapter), str(adapter)], tmp_path / "twice", progress=False)
+    out = export([str(adapter), str(adapter)], tmp_path / "twice", progress=False).folder
     reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sharded_base), adapter).merge_and_unload()
     reference = PeftModel.from_pretrained(reference, adapter).eval()
-    once = AutoModelForCausalLM.from_pretrained(export([str(adapter)], tmp_path / "once", progress=False)).eval()
+    once = AutoModelForCausalLM.from_pretrained(export([str(adapter)], tmp_path / "once", progress=False).folder).eval()
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.tensor([[1, 733, 16289, 28793, 13397, 272, 1707, 733, 28748, 16289, 28793]])
     with torch.no_grad():
@@ -102,9 +102,9 @@ def test_fused_base_checkpoint_is_merged_and_written_in_original_layout(sharded_
     save_file({k: v.contiguous() for k, v in state.items()}, str(fused / "model.safetensors"))
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
         shutil.copy(sharded_base / name, fused)
-    out = export([str(adapter)], tmp_path / "merged", base=str(fused), progress=False)
+    out = export([str(adapter)], tmp_path / "merged", base=str(fused), progress=False).folder
     assert checkpoint_keys(out) == checkpoint_keys(sharded_base)  # original per-expert layout
-    reference = export([str(adapter)], tmp_path / "from-original", progress=False)
+    reference = export([str(adapter)], tmp_path / "from-original", progress=False).folder
     a, b = tensors_single(out), tensors(reference)
     for key in b:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from finetune.config import load_recipe
-from finetune.runs import resume_checkpoint, save_outputs, write_recipe
+from finetune.checkpoints import resume_checkpoint
+from finetune.runs import save_outputs, write_recipe
 
 
 def main():
