@@ -1,12 +1,40 @@
-"""Model cards (README.md) for adapters and merged models: what a user needs to trust and reuse them."""
+"""Model cards (README.md) for adapters, fully fine-tuned models and merged exports: what a user needs to
+trust and reuse them. Cards are published, so bases and data are named by Hub id or by folder / file
+name, never by this machine's paths, and every card goes through `redact` (finetune/redaction.py)."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import yaml
 
-from finetune.config import Recipe, to_dict
+from finetune.config import Recipe, parse_yaml, to_dict
+from finetune.redaction import redact
+
+
+def public_name(value: str | None) -> str | None:
+    """A Hub id as it is; a local path (one that exists, or absolute, or relative) as its last part."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_absolute() or path.exists() or value.startswith(".") or value.count("/") != 1:
+        return path.name
+    return value
+
+
+def public_recipe(recipe: dict) -> dict:
+    """A resolved recipe (as written to recipe.yaml) with every path replaced by its public name."""
+    recipe = copy.deepcopy(recipe)
+    for key in ("model", "output_dir", "tokenizer", "launch"):
+        if key in recipe:
+            recipe[key] = public_name(recipe[key])
+    if recipe.get("dpo"):
+        recipe["dpo"]["sft_adapter"] = public_name(recipe["dpo"].get("sft_adapter"))
+    for group in ("train", "eval"):
+        for source in recipe.get("data", {}).get(group) or []:
+            source["path"] = public_name(source["path"])
+    return recipe
 
 
 def final_metrics(log_history: list[dict]) -> dict:
@@ -22,28 +50,34 @@ def final_metrics(log_history: list[dict]) -> dict:
 
 
 def adapter_card(recipe: Recipe, log_history: list[dict]) -> str:
+    """The card of a training pass's output: a LoRA adapter, or full fine-tuned weights."""
+    from finetune.model import LORA_DEFAULTS
+
     metrics = final_metrics(log_history)
-    datasets = [s.path for s in recipe.data.train + recipe.data.eval]
-    peft = recipe.lora.peft
+    base = public_name(recipe.model)
+    datasets = [public_name(s.path) for s in recipe.data.train + recipe.data.eval]
+    lora = recipe.lora.method == "lora"
+    peft = {**LORA_DEFAULTS, **recipe.lora.peft}
+    what = (f"A {recipe.kind.upper()} LoRA adapter for `{base}`" if lora
+            else f"`{base}` fully fine-tuned ({recipe.kind.upper()}) on {', '.join(recipe.lora.targets)}")
+    start = public_name(recipe.dpo.sft_adapter) if recipe.kind == "dpo" else None
     lines = [
         "---",
-        f"base_model: {recipe.model}",
-        "library_name: peft",
-        f"tags: [mixtral, moe, lora, {recipe.kind}, mixtral-finetune]",
+        f"base_model: {base}",
+        f"library_name: {'peft' if lora else 'transformers'}",
+        f"tags: [mixtral, moe, {'lora' if lora else 'full-fine-tune'}, {recipe.kind}, mixtral-finetune]",
         "---",
         "",
         f"# {Path(recipe.output_dir).name}",
         "",
-        f"A {recipe.kind.upper()} LoRA adapter for `{recipe.model}`, trained with mixtral-finetune"
-        + (f", continuing from the SFT adapter `{recipe.dpo.sft_adapter}`" if recipe.kind == "dpo" and recipe.dpo.sft_adapter else "")
-        + ".",
+        what + ", trained with mixtral-finetune" + (f", continuing from the SFT adapter `{start}`" if start else "") + ".",
         "",
         "| | |",
         "|---|---|",
-        f"| base model | `{recipe.model}` |",
+        f"| base model | `{base}` |",
         f"| datasets | {', '.join(f'`{d}`' for d in datasets)} |",
         f"| method | {recipe.lora.method} on {', '.join(recipe.lora.targets)}"
-        + (f" (r={peft.get('r', 16)}, alpha={peft.get('lora_alpha', 32)})" if recipe.lora.method == "lora" else "") + " |",
+        + (f" (r={peft['r']}, alpha={peft['lora_alpha']})" if lora else "") + " |",
         f"| router | {'trainable' if 'router' in recipe.lora.targets else 'frozen'} |",
         f"| load-balancing loss coefficient | {recipe.moe.aux_loss_coef} |",
         f"| router z-loss coefficient | {recipe.moe.z_loss_coef} |",
@@ -57,17 +91,38 @@ def adapter_card(recipe: Recipe, log_history: list[dict]) -> str:
         "## Use",
         "",
         "```python",
-        "from peft import PeftModel",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f"base = AutoModelForCausalLM.from_pretrained({recipe.model!r})",
-        "model = PeftModel.from_pretrained(base, 'THIS_FOLDER_OR_REPO')",
+        *([
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            f"base = AutoModelForCausalLM.from_pretrained({base!r})",
+            "model = PeftModel.from_pretrained(base, 'THIS_FOLDER_OR_REPO')",
+        ] if lora else [
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "model = AutoModelForCausalLM.from_pretrained('THIS_FOLDER_OR_REPO')",
+        ]),
         "tokenizer = AutoTokenizer.from_pretrained('THIS_FOLDER_OR_REPO')  # Mixtral-Instruct chat template",
         "```",
         "",
         "## Recipe",
         "",
         "```yaml",
-        yaml.safe_dump(to_dict(recipe), sort_keys=False).strip(),
+        yaml.safe_dump(public_recipe(to_dict(recipe)), sort_keys=False).strip(),
         "```",
     ]
-    return "\n".join(lines) + "\n"
+    return redact("\n".join(lines) + "\n")
+
+
+def merged_card(name: str, base: str, adapters: list[str]) -> str:
+    """The card of a merged export: the base, the adapters merged in order, and their recipes."""
+    base = public_name(base)
+    lines = ["---", f"base_model: {base}", "library_name: transformers", "tags: [mixtral, moe, merged-lora]", "---", "",
+             f"# {name}", "", f"`{base}` with these LoRA adapters merged in, in order:", ""]
+    recipes = {adapter: Path(adapter) / "recipe.yaml" for adapter in adapters}
+    for adapter, recipe in recipes.items():
+        lines.append(f"- `{Path(adapter).name}`" + (" (recipe below)" if recipe.is_file() else ""))
+    for adapter, recipe in recipes.items():
+        if recipe.is_file():
+            shown = yaml.safe_dump(public_recipe(parse_yaml(recipe.read_text())), sort_keys=False).strip()
+            lines += ["", f"## {Path(adapter).name}", "", "```yaml", shown, "```"]
+    lines += ["", "Weights are in the original Mixtral layout (`block_sparse_moe.experts.K.w1/w2/w3`)."]
+    return redact("\n".join(lines) + "\n")

@@ -2,7 +2,8 @@
 
     python -m finetune.check recipes/tiny/sft.yaml [key.sub=value ...]
 
-Validates the recipe, loads and validates the data with the same code the trainers use, prints row
+Validates the recipe exactly as the passes do before loading (TRL's arguments, the output folder, the
+model's config, DPO's SFT adapter), loads and validates the data with the same code the trainers use, prints row
 counts and token-length statistics (and how many samples exceed `data.max_length`), and shows the first
 sample with the trained (labelled) tokens marked. Exits 2 with a message naming the key or the data
 rows when something is wrong.
@@ -18,7 +19,6 @@ import sys
 from pathlib import Path
 
 from finetune.chat_format import IGNORE_INDEX, ChatEncoder, find_sentencepiece
-from finetune.checkpoints import check_run_folder
 from finetune.config import Recipe, RecipeError, load_recipe
 from finetune.data import Prepared, bad_rows_message, prepare, sample_lengths
 
@@ -133,12 +133,14 @@ def _packed_rows(lengths: list[int], max_length: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from finetune.runs import preflight
+
     parser = argparse.ArgumentParser(prog="python -m finetune.check", description=__doc__.split("\n")[0])
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.max_length=512")
     args = parser.parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
-    check_run_folder(recipe)  # what the passes refuse before loading, refused here too
+    preflight(recipe)  # exactly what the passes refuse before loading
     encoder = encoder_for(recipe)
     prepared = prepare(recipe.data, recipe.kind, encoder, progress=sys.stderr.isatty())
     print(report(recipe, encoder, prepared))

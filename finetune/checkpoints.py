@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import struct
 import sys
@@ -30,6 +31,8 @@ from finetune.output_folder import listing, overlap
 RECIPE_FILE = "recipe.yaml"
 # EX_TEMPFAIL from sysexits.h: "try again later". A job script can requeue on it: the rerun continues.
 INTERRUPTED_EXIT_CODE = 75
+# Training finished and its outputs are saved, but the Hub push (hub.repo_id) failed: push them later.
+PUSH_FAILED_EXIT_CODE = 3
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json",
                 "adapter_model.bin", "pytorch_model.bin")
@@ -61,12 +64,16 @@ def check_run_folder(recipe: Recipe) -> None:
         raise RecipeError(f"{src}: output_dir={out} is a file, not a folder")
     if not out.is_dir() or not any(out.iterdir()):
         return
+    if recipe.resume == "never" and checkpoints(out):
+        raise RecipeError(f"{src}: resume=never, but output_dir={out} holds checkpoints of an earlier run "
+                          f"({', '.join(sorted(p.name for p in checkpoints(out)))}) that a later resume=auto would "
+                          "pick up; use resume=restart to delete them and start over, or a new output_dir")
     if not (out / RECIPE_FILE).is_file():
         raise RecipeError(f"{src}: output_dir={out} is not empty ({listing(out)}) and holds no run of this toolkit "
                           f"(no {RECIPE_FILE}); training writes only into a new or empty folder or its own run's. "
                           "Set output_dir to a new folder.")
     changed = changed_keys(out / RECIPE_FILE, recipe)
-    if changed:
+    if changed and recipe.resume != "restart":
         raise RecipeError(f"{src}: output_dir={out} holds a different run (changed: {', '.join(changed)}). "
                           f"Use a new output_dir, or remove {out} to start over there.")
 
@@ -95,10 +102,15 @@ def _comparable(recipe_dict: dict) -> dict:
 # Checkpoints
 
 
-def resume_checkpoint(recipe: Recipe, announce: bool = True) -> str | None:
-    """The checkpoint to continue from, per `recipe.resume`: the newest complete one for `auto`."""
+def resume_checkpoint(recipe: Recipe, is_main: bool = True) -> str | None:
+    """The checkpoint to continue from, per `recipe.resume`: the newest complete one for `auto`; for
+    `restart`, the main process deletes the earlier run's checkpoints first."""
     out = Path(recipe.output_dir)
-    if recipe.resume == "never" or not out.is_dir():
+    if recipe.resume == "restart" and out.is_dir() and is_main:
+        for old in sorted(checkpoints(out)):
+            shutil.rmtree(old)
+            print(f"resume=restart: deleted {old}")
+    if recipe.resume in ("never", "restart") or not out.is_dir():
         return None
     needs_optimizer = not recipe.train.get("save_only_model", False)
     if recipe.resume != "auto":
@@ -115,7 +127,7 @@ def resume_checkpoint(recipe: Recipe, announce: bool = True) -> str | None:
             if problem is None:
                 checkpoint = candidate
                 break
-            if announce:
+            if is_main:
                 print(f"skipping incomplete checkpoint {candidate} ({problem}): probably killed while saving")
         if checkpoint is None:
             return None

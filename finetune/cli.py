@@ -23,15 +23,12 @@ PASSES = {
 
 
 def run_guarded(main_fn, argv=None) -> int:
-    """Run an entry point; recipe, data and output-folder errors print one clear message and exit 2."""
-    from finetune.config import RecipeError
-    from finetune.data import DataError
-    from finetune.export import ExportError
-    from finetune.output_folder import OutputError
+    """Run an entry point; bad input (finetune/errors.py) prints one `error:` line and exits 2."""
+    from finetune.errors import InputError
 
     try:
         return main_fn(argv) or 0
-    except (RecipeError, DataError, ExportError, OutputError, FileNotFoundError) as err:
+    except (InputError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

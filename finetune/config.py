@@ -21,8 +21,15 @@ from typing import Any, Literal
 
 import yaml
 
+from finetune.errors import InputError
+from finetune.redaction import is_secret_key, redact
 
-class RecipeError(ValueError):
+
+SECRET_FIX = ("recipes are copied into every output and pushed to the Hub, so remove it and use "
+              "`huggingface-cli login` or the HF_TOKEN environment variable instead")
+
+
+class RecipeError(InputError):
     """A recipe that cannot run; the message names the file and the key."""
 
 
@@ -163,8 +170,10 @@ class Recipe:
     """accelerate config this recipe is meant for (recipes/accelerate/*.yaml). `python -m finetune.sft`
     relaunches itself under `accelerate launch` with it; `finetune.plan` reads its ZeRO stage."""
     resume: str = "auto"
-    """`auto`: continue from the last checkpoint in output_dir if it belongs to the same recipe (refuse if
-    the recipe changed); `never`: start over; or a checkpoint folder to continue from."""
+    """`auto`: continue from the newest complete checkpoint in output_dir if it belongs to the same recipe
+    (refuse if the recipe changed); `never`: start a fresh run (refused where checkpoints of an earlier
+    run exist, so they never resurface later); `restart`: delete those checkpoints and start over; or a
+    checkpoint folder to continue from."""
     stop_after_steps: int | None = None
     """Stop cleanly (with a checkpoint) after this many optimizer steps, as if interrupted; the schedule
     still follows train.max_steps. For time-limited jobs: run again to continue."""
@@ -209,6 +218,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), expect_kind: str | 
     raw = read_yaml_mapping(path, overrides, "recipe")
     if "source" in raw:
         raise RecipeError(f"{path}: unknown key 'source'")
+    _refuse_secret_values(raw, path, "")
     raw["source"] = str(path)
     recipe = _build(Recipe, raw, str(path), "")
     if expect_kind is not None and recipe.kind != expect_kind:
@@ -217,6 +227,19 @@ def load_recipe(path: str | Path, overrides: list[str] = (), expect_kind: str | 
         )
     validate(recipe)
     return recipe
+
+
+def _refuse_secret_values(node: Any, path: Path, key: str) -> None:
+    """A value that is (or holds) a token would be copied into every output: refuse it, naming the key."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _refuse_secret_values(v, path, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _refuse_secret_values(v, path, f"{key}[{i}]")
+    elif isinstance(node, str) and redact(node) != node:
+        raise RecipeError(f"{path}: {key} holds what looks like a secret (a Hub token, or the value of HF_TOKEN / "
+                          f"WANDB_API_KEY); {SECRET_FIX}")
 
 
 def read_yaml_mapping(path: Path, overrides: list[str], what: str) -> dict:
@@ -246,7 +269,12 @@ def apply_override(raw: dict, item: str, path: Path) -> None:
         if not isinstance(child, dict):
             raise RecipeError(f"{path}: override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
         node = child
-    node[parts[-1]] = parse_yaml(value) if value != "" else None
+    try:
+        node[parts[-1]] = parse_yaml(value) if value != "" else None
+    except yaml.YAMLError as err:
+        problem = str(err).splitlines()[0]
+        raise RecipeError(f"{path}: override {item!r}: the value is not valid YAML ({problem}); "
+                          "quote it, e.g. key='[1, 2]'") from None
 
 
 def _build(cls, data: Any, source: str, prefix: str):
@@ -266,7 +294,8 @@ def _build(cls, data: Any, source: str, prefix: str):
         kwargs["peft"] = _check_foreign(extra, _lora_config_class(), OWNED_LORA_KEYS, source, "lora.")
     elif extra:
         key = next(iter(extra))
-        raise RecipeError(f"{source}: unknown key {prefix + key!r} (known: {', '.join(sorted(names))})")
+        known = sorted(names - {"source", "peft"})  # filled by the parser, never by a recipe
+        raise RecipeError(f"{source}: unknown key {prefix + key!r} (known: {', '.join(known)})")
     missing = [
         f.name
         for f in dataclasses.fields(cls)
@@ -289,6 +318,9 @@ def _convert(annotation, value, source: str, key: str):
             raise RecipeError(f"{source}: {key} must be a list, got {value!r}")
         return [_convert(typing.get_args(annotation)[0], v, source, f"{key}[{i}]") for i, v in enumerate(value)]
     if key == "train":
+        if not isinstance(value, dict):
+            raise RecipeError(f"{source}: train must be a mapping of SFTConfig / DPOConfig fields "
+                              f"(e.g. train: {{learning_rate: 1.0e-4}}), got {value!r}")
         return value  # checked against the trainer config class in validate()
     if not type_matches(value, annotation):
         raise RecipeError(f"{source}: {key} must be {_describe(annotation)}, got {value!r}")
@@ -302,6 +334,8 @@ def _check_foreign(values: dict, config_cls, owned: dict, source: str, prefix: s
     for key, value in values.items():
         if key in owned:
             raise RecipeError(f"{source}: {prefix}{key} is set by the recipe itself; use {owned[key]}")
+        if is_secret_key(key):
+            raise RecipeError(f"{source}: {prefix}{key} holds a secret; {SECRET_FIX}")
         if key not in fields or not fields[key].init:
             raise RecipeError(
                 f"{source}: unknown key {prefix + key!r} (not a recipe field and not a "
@@ -310,7 +344,18 @@ def _check_foreign(values: dict, config_cls, owned: dict, source: str, prefix: s
         annotation = hints.get(key, Any)
         if not type_matches(value, annotation):
             raise RecipeError(f"{source}: {prefix}{key} must be {_describe(annotation)}, got {value!r}")
+        choices = _enum_choices(annotation)
+        if choices and isinstance(value, str) and value not in choices:
+            raise RecipeError(f"{source}: {prefix}{key} must be one of {', '.join(choices)}, got {value!r}")
     return dict(values)
+
+
+def _enum_choices(annotation) -> list[str]:
+    """The values of an Enum in `annotation` (e.g. `SchedulerType | str` accepts only its values)."""
+    for arg in (annotation, *typing.get_args(annotation)):
+        if isinstance(arg, type) and issubclass(arg, enum.Enum):
+            return [str(m.value) for m in arg]
+    return []
 
 
 def _safe_type_hints(cls) -> dict:
@@ -363,6 +408,8 @@ def _describe(annotation) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(annotation))
     if annotation is type(None):
         return "null"
+    if origin is list and typing.get_args(annotation):
+        return f"a list, each item {_describe(typing.get_args(annotation)[0])}"
     return getattr(annotation, "__name__", str(annotation))
 
 
@@ -452,4 +499,4 @@ def to_dict(recipe: Recipe) -> dict:
 
 def dump_yaml(recipe: Recipe, path: str | Path) -> None:
     header = f"# Resolved {recipe.kind.upper()} recipe (from {recipe.source}, overrides applied).\n"
-    Path(path).write_text(header + yaml.safe_dump(to_dict(recipe), sort_keys=False))
+    Path(path).write_text(redact(header + yaml.safe_dump(to_dict(recipe), sort_keys=False)))

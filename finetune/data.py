@@ -23,13 +23,14 @@ from typing import Any, Iterator
 
 from finetune.chat_format import IGNORE_INDEX, ChatEncoder
 from finetune.config import DataConfig, DataSource
+from finetune.errors import InputError
 
 LOCAL_SUFFIXES = {".jsonl", ".json", ".parquet"}
 ROLES = ("system", "user", "assistant")
 REQUIRED_FIELDS = {"sft": ("messages",), "dpo": ("prompt", "chosen", "rejected")}
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad rows (or an unreadable source) with the default `on_bad_rows: error`."""
 
 

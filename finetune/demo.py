@@ -10,8 +10,8 @@ recipes/tiny/dpo.yaml from the SFT adapter, `finetune.export` (merge + verificat
 `finetune.evaluate` on eval/bundled.yaml (held-out data the training never sees), with the base as the
 preference reference for all three models. Writes DIR/report.md with its plots and DIR/summary.json;
 exits 1 if the merged export does not reproduce base + adapter or a model did not improve on the one
-before it (SFT on the base: held-out loss and exact match; DPO on SFT: preference accuracy, measured
-reference-free as how often the preferred reply is the more likely one, which compares all three models
+before it (SFT on the base: held-out loss and the instruction rules its replies follow; DPO on SFT:
+preference accuracy, measured reference-free as how often the preferred reply is the more likely one, which compares all three models
 on the same footing; the reward accuracy against the base is reported beside it).
 """
 
@@ -54,8 +54,13 @@ def checks(results: dict, export_diff: float, tolerance: float) -> list[tuple[st
     return [
         (f"SFT beats the base on held-out loss ({sft['heldout']['loss']:.3f} < {base['heldout']['loss']:.3f})",
          sft["heldout"]["loss"] < base["heldout"]["loss"]),
-        (f"SFT beats the base on exact match ({sft['generation']['exact_match']:.3f} > "
-         f"{base['generation']['exact_match']:.3f})", sft["generation"]["exact_match"] > base["generation"]["exact_match"]),
+        # Rules followed, not exact match: at this size exact answers are 0-4 of 200 prompts, and whether SFT
+        # gets 0 or 2 of them varies between CPUs; the rules (format, case, length, keywords) move 0.2 -> 0.8.
+        (f"SFT beats the base on its generated replies: instruction rules followed "
+         f"({sft['generation']['rule_pass_rate']:.3f} > {base['generation']['rule_pass_rate']:.3f}), exact match "
+         f"not lower ({sft['generation']['exact_match']:.3f} >= {base['generation']['exact_match']:.3f})",
+         sft["generation"]["rule_pass_rate"] > base["generation"]["rule_pass_rate"]
+         and sft["generation"]["exact_match"] >= base["generation"]["exact_match"]),
         (f"DPO beats SFT on preference accuracy: the preferred reply is the more likely one "
          f"({dpo['preferences']['logp_accuracy']:.3f} > {sft['preferences']['logp_accuracy']:.3f})",
          dpo["preferences"]["logp_accuracy"] > sft["preferences"]["logp_accuracy"]),

@@ -19,25 +19,16 @@ The loss is TRL's DPO loss (`train.loss_type`: sigmoid, ipo, hinge, robust, ...;
 from __future__ import annotations
 
 import functools
-import json
 import sys
-from pathlib import Path
 
 from transformers import set_seed
 from trl import DPOTrainer
 
 from finetune.chat_format import ChatEncoder
 from finetune.check import encoder_for
-from finetune.config import Recipe, RecipeError
+from finetune.config import Recipe
 from finetune.losses import use_compact_lm_head
-from finetune.model import (
-    ATTENTION_MODULES,
-    EXPERT_PARAMETERS,
-    ROUTER_MODULE,
-    apply_method,
-    load_base_model,
-    use_expert_kernel,
-)
+from finetune.model import apply_method, load_base_model, use_expert_kernel
 from finetune.runs import (
     RouterLossHook,
     Throughput,
@@ -98,35 +89,14 @@ class MoEDPOTrainer(DPOTrainer):
 
 
 def load_policy(recipe: Recipe):
-    """Base + SFT adapter as the trainable policy (TRL adds the frozen reference copy)."""
+    """Base + SFT adapter as the trainable policy (TRL adds the frozen reference copy). The adapter was
+    checked before loading (finetune.model.check_sft_adapter)."""
     base = load_base_model(recipe)
-    sft = recipe.dpo.sft_adapter
-    if sft is None:
+    if recipe.dpo.sft_adapter is None:
         return apply_method(base, recipe)
-    config_file = Path(sft) / "adapter_config.json"
-    if not config_file.is_file():
-        raise RecipeError(f"{recipe.source}: dpo.sft_adapter={sft!r} holds no adapter_config.json (run SFT first)")
-    check_same_adapter_shape(recipe, json.loads(config_file.read_text()))
     from peft import PeftModel
 
-    return use_expert_kernel(PeftModel.from_pretrained(base, sft, is_trainable=True), recipe)
-
-
-def check_same_adapter_shape(recipe: Recipe, adapter: dict) -> None:
-    """The DPO recipe's lora section must describe the adapter it continues."""
-    groups = []
-    if set(adapter.get("target_modules") or []) & set(ATTENTION_MODULES):
-        groups.append("attention")
-    if set(adapter.get("target_parameters") or []) & set(EXPERT_PARAMETERS):
-        groups.append("experts")
-    if ROUTER_MODULE in (adapter.get("modules_to_save") or []):
-        groups.append("router")
-    src, sft = recipe.source, recipe.dpo.sft_adapter
-    if sorted(groups) != sorted(recipe.lora.targets):
-        raise RecipeError(f"{src}: lora.targets {recipe.lora.targets} differ from the SFT adapter's {groups} ({sft})")
-    for key in ("r", "lora_alpha"):
-        if key in recipe.lora.peft and recipe.lora.peft[key] != adapter.get(key):
-            raise RecipeError(f"{src}: lora.{key}={recipe.lora.peft[key]} differs from the SFT adapter's {adapter.get(key)}")
+    return use_expert_kernel(PeftModel.from_pretrained(base, recipe.dpo.sft_adapter, is_trainable=True), recipe)
 
 
 def build(recipe: Recipe) -> tuple[MoEDPOTrainer, ChatEncoder]:

@@ -43,6 +43,7 @@ from finetune.output_folder import check_output, staged
 from finetune.plots import router_heatmaps
 from finetune.scoring import (
     LoadedModel,
+    check_loadable,
     generate_replies,
     heldout_loss,
     load_for_eval,
@@ -368,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     inputs = {"model": args.model, "baseline": args.baseline, "reference": args.reference, "base": args.base,
               "suite": args.suite, **{f"suite file {p}": p for p in suite_files(suite)}}
     check_output(out, inputs, args.overwrite)
+    for option, path in (("model", args.model), ("--baseline", args.baseline), ("--reference", args.reference)):
+        if path is not None:
+            check_loadable(path, args.base, option)
     columns, all_records = [], []
     for name, path in [("model", args.model)] + ([("baseline", args.baseline)] if args.baseline else []):
         print(f"evaluating {name} {path} on suite {suite.name}")

@@ -34,6 +34,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from finetune.card import merged_card
+from finetune.errors import InputError
 from finetune.output_folder import OutputError, check_output, staged
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "chat_template.jinja",
@@ -45,7 +47,7 @@ FUSED_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down
 FUSED_ROUTER_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.weight$")
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
     """An adapter or base checkpoint that cannot be merged; the message says which and why."""
 
 
@@ -77,7 +79,10 @@ class Adapter:
         r = self.config["r"]
         self.scale = self.config["lora_alpha"] / (r**0.5 if self.config.get("use_rslora") else r)
         self.rank, self.experts = r, experts
-        self._file = safe_open(str(self.folder / "adapter_model.safetensors"), "pt")
+        weights = self.folder / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise ExportError(f"{self.folder}: no adapter_model.safetensors (an unfinished or non-safetensors adapter)")
+        self._file = safe_open(str(weights), "pt")
         keys = set(self._file.keys())
         prefix = "base_model.model."
         self.attention: dict[str, tuple[str, str]] = {}  # base weight key -> (A key, B key)
@@ -180,6 +185,8 @@ def base_files(base: str) -> Path:
             raise ExportError(f"cannot find the base model {base!r} (not a folder; Hub: {err})") from None
     if not any(folder.glob("*.safetensors")):
         raise ExportError(f"{folder}: no safetensors files")
+    if not (folder / "config.json").is_file():
+        raise ExportError(f"{folder}: no config.json (not a model folder; give the base with --base)")
     return folder
 
 
@@ -203,7 +210,7 @@ def export(adapters: list[str], out: str | Path, base: str | None = None, dtype:
     loaded = [Adapter(a, hidden, intermediate, experts) for a in adapters]
     with staged(out) as folder:
         write_merged(folder, base_dir, config, loaded, dtype, progress)
-        write_model_card(folder, out.name, base, adapters)
+        (folder / "README.md").write_text(merged_card(out.name, base, adapters))
         difference = None
         if verify:
             if prompts is None:
@@ -261,20 +268,6 @@ def write_merged(folder: Path, base_dir: Path, config: dict, adapters: list[Adap
     for name in TOKENIZER_FILES:
         if (tokenizer_source / name).is_file():
             shutil.copy(tokenizer_source / name, folder)
-
-
-def write_model_card(folder: Path, name: str, base: str, adapters: list[str]) -> None:
-    lines = ["---", f"base_model: {base}", "library_name: transformers", "tags: [mixtral, moe, merged-lora]", "---", "",
-             f"# {name}", "", f"{base} with these LoRA adapters merged in, in order:", ""]
-    for adapter in adapters:
-        recipe = Path(adapter) / "recipe.yaml"
-        lines.append(f"- `{Path(adapter).name}`" + (" (recipe below)" if recipe.is_file() else ""))
-    for adapter in adapters:
-        recipe = Path(adapter) / "recipe.yaml"
-        if recipe.is_file():
-            lines += ["", f"## {Path(adapter).name}", "", "```yaml", recipe.read_text().strip(), "```"]
-    lines += ["", "Weights are in the original Mixtral layout (`block_sparse_moe.experts.K.w1/w2/w3`)."]
-    (folder / "README.md").write_text("\n".join(lines) + "\n")
 
 
 def verify_merge(out: Path, adapters: list[str], base: str, prompts: list[list[int]]) -> float:

@@ -7,18 +7,22 @@ transformers 5), `router` (`mlp.gate`, trained in full through `modules_to_save`
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from finetune.config import Recipe, RecipeError
+from finetune.errors import InputError
 from finetune.moe import moe_blocks, reachability
 
 ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERT_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
 ROUTER_MODULE = "gate"
 GROUPS = ("attention", "experts", "router", "other")
+LORA_DEFAULTS = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0}  # LoraConfig fields a recipe leaves out
 
 
 def training_dtype(recipe: Recipe) -> torch.dtype:
@@ -45,6 +49,58 @@ def mark_moe_blocks_as_zero3_leaves(model: nn.Module) -> bool:
     return True
 
 
+class ModelSourceError(InputError):
+    """A model folder or Hub id that cannot be loaded; the message names the option and the fix."""
+
+
+def model_config(name: str, what: str = "model"):
+    """The config of a model folder or Hub id, read before any weight loads (`what` names the option)."""
+    from transformers import AutoConfig
+
+    path = Path(name)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            hint = "; it is a LoRA adapter, give its base model" if (path / "adapter_config.json").is_file() else ""
+            raise ModelSourceError(f"{what}={name}: not a model folder (no config.json){hint}")
+    elif name.count("/") != 1 or name.startswith((".", "/")):
+        raise ModelSourceError(f"{what}={name}: no such folder, and not a Hub id (org/name); for a tiny test "
+                               f"model there: python -m finetune.tiny {name}")
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0]
+        if path.exists():
+            raise ModelSourceError(f"{what}={name}: config.json does not describe a model transformers can load "
+                                   f"({first})") from None
+        raise ModelSourceError(f"{what}={name}: no such folder, and its config cannot be read from the Hub "
+                               f"({first}); check the name, the network and `huggingface-cli login`, or for a "
+                               f"tiny test model: python -m finetune.tiny {name}") from None
+
+
+def check_sft_adapter(recipe: Recipe) -> None:
+    """DPO: `dpo.sft_adapter` is a PEFT adapter whose groups and rank the recipe's lora section matches."""
+    sft = recipe.dpo.sft_adapter
+    if recipe.kind != "dpo" or sft is None:
+        return
+    config_file = Path(sft) / "adapter_config.json"
+    if not config_file.is_file():
+        raise RecipeError(f"{recipe.source}: dpo.sft_adapter={sft!r} holds no adapter_config.json (run SFT first)")
+    adapter = json.loads(config_file.read_text())
+    groups = []
+    if set(adapter.get("target_modules") or []) & set(ATTENTION_MODULES):
+        groups.append("attention")
+    if set(adapter.get("target_parameters") or []) & set(EXPERT_PARAMETERS):
+        groups.append("experts")
+    if ROUTER_MODULE in (adapter.get("modules_to_save") or []):
+        groups.append("router")
+    src = recipe.source
+    if sorted(groups) != sorted(recipe.lora.targets):
+        raise RecipeError(f"{src}: lora.targets {recipe.lora.targets} differ from the SFT adapter's {groups} ({sft})")
+    for key in ("r", "lora_alpha"):
+        if key in recipe.lora.peft and recipe.lora.peft[key] != adapter.get(key):
+            raise RecipeError(f"{src}: lora.{key}={recipe.lora.peft[key]} differs from the SFT adapter's {adapter.get(key)}")
+
+
 def load_base_model(recipe: Recipe, dtype: torch.dtype | None = None):
     from transformers import AutoModelForCausalLM
 
@@ -63,7 +119,7 @@ def lora_config(recipe: Recipe):
     from peft import LoraConfig
 
     targets = recipe.lora.targets
-    options = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, **recipe.lora.peft}
+    options = {**LORA_DEFAULTS, **recipe.lora.peft}
     return LoraConfig(
         task_type="CAUSAL_LM",
         target_modules=ATTENTION_MODULES if "attention" in targets else [],

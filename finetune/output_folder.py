@@ -20,10 +20,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping
 
+from finetune.errors import InputError
+
 OWNER_FILE = ".writer-pid"
 
 
-class OutputError(ValueError):
+class OutputError(InputError):
     """An output folder that would overwrite an input or someone else's files; the message says which."""
 
 

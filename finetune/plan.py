@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.config import Recipe, RecipeError, load_recipe, parse_yaml
+from finetune.errors import InputError
 
 GIB = 1024**3
 # Public configuration of Mixtral 8x7B, used when the Hub cannot be reached (the plan needs no weights).
@@ -198,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--device", choices=("gpu", "cpu"), default="gpu")
     args = parser.parse_intermixed_args(argv)
+    for option, value in (("--gpus", args.gpus), ("--nodes", args.nodes)):
+        if value < 1:
+            raise InputError(f"{option} must be >= 1, got {value}")
+    if args.gpu_memory is not None and args.gpu_memory <= 0:
+        raise InputError(f"--gpu-memory must be > 0 GiB, got {args.gpu_memory:g}")
     recipe = load_recipe(args.recipe, args.overrides)
     config, source = load_model_config(recipe.model)
     counts = count_parameters(recipe, config)

@@ -29,7 +29,6 @@ def push(folder: str | Path, repo_id: str, private: bool = False, revision: str 
     """Upload `folder` to `repo_id` (training checkpoints left out unless asked); returns the commit URL
     (or the repository URL for large folders)."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
     folder = Path(folder)
     if not folder.is_dir() or not any(folder.iterdir()):
@@ -50,8 +49,9 @@ def push(folder: str | Path, repo_id: str, private: bool = False, revision: str 
         commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, ignore_patterns=ignore,
                                    commit_message=f"Upload {folder.name} with mixtral-finetune")
         return commit.commit_url
-    except (HfHubHTTPError, OSError) as err:
-        raise PushError(f"upload of {folder} to {repo_id} failed ({type(err).__name__}: {err}); "
+    except Exception as err:  # noqa: BLE001 - the network edge: HTTP status, transport (httpx or httpx2), disk
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PushError(f"upload of {folder} to {repo_id} at {api.endpoint} failed ({type(err).__name__}: {reason}); "
                         "the local folder is intact") from None
 
 
@@ -73,4 +73,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from finetune.cli import run_guarded
+
+    sys.exit(run_guarded(main))

@@ -15,6 +15,7 @@ from finetune.card import adapter_card
 from finetune.chat_format import ChatEncoder, save_tokenizer
 from finetune.checkpoints import (
     INTERRUPTED_EXIT_CODE,
+    PUSH_FAILED_EXIT_CODE,
     RECIPE_FILE,
     SaveRecipeWithCheckpoint,
     StopWithCheckpoint,
@@ -62,6 +63,12 @@ def trainer_args(recipe: Recipe):
         args = trainer_config_class(recipe.kind)(**kwargs)
     except (ValueError, TypeError) as err:
         raise RecipeError(f"{recipe.source}: the train section is not valid: {err}") from None
+    # Values TRL accepts here and fails on only later, after the model loaded (or with a ZeroDivisionError).
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, key) < 1:
+            raise RecipeError(f"{recipe.source}: train.{key} must be >= 1, got {getattr(args, key)}")
+    if args.learning_rate < 0:
+        raise RecipeError(f"{recipe.source}: train.learning_rate must be >= 0, got {args.learning_rate}")
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     if recipe.lora.method == "full" and args.gradient_checkpointing and is_deepspeed_zero3_enabled():
@@ -71,6 +78,21 @@ def trainer_args(recipe: Recipe):
             f"{recipe.source}: lora.method: full under DeepSpeed ZeRO-3 fails with gradient checkpointing; "
             "set train.gradient_checkpointing=false, or use lora.method: lora"
         )
+    return args
+
+
+def preflight(recipe: Recipe):
+    """Everything the passes refuse before training, checked before any weight or data loads; the TRL
+    arguments. `finetune.check` runs exactly this too, so the check and the passes never disagree."""
+    from finetune.model import ModelSourceError, check_sft_adapter, model_config
+
+    args = trainer_args(recipe)
+    check_run_folder(recipe)
+    try:
+        model_config(recipe.model)
+    except ModelSourceError as err:
+        raise RecipeError(f"{recipe.source}: {err}") from None
+    check_sft_adapter(recipe)
     return args
 
 
@@ -302,7 +324,7 @@ def write_router_load(eval_loads: list, out: Path, start_name: str) -> Path | No
 
 def push_outputs(recipe: Recipe, is_main: bool) -> int:
     """Push output_dir to `hub.repo_id` from the main process only (after saving; the other ranks have
-    nothing to wait for). The exit code: 0, or 1 when the upload failed (the local folder is intact)."""
+    nothing to wait for). The exit code: 0, or PUSH_FAILED_EXIT_CODE (the local folder is intact)."""
     if recipe.hub.repo_id is None or not is_main:
         return 0
     from finetune.push import PushError, push
@@ -310,8 +332,9 @@ def push_outputs(recipe: Recipe, is_main: bool) -> int:
     try:
         url = push(recipe.output_dir, recipe.hub.repo_id, recipe.hub.private, recipe.hub.revision)
     except PushError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        print(f"error: {err}; push it later with: python -m finetune.push {recipe.output_dir} "
+              f"--repo-id {recipe.hub.repo_id}", file=sys.stderr)
+        return PUSH_FAILED_EXIT_CODE
     print(f"pushed {recipe.output_dir} to {url}")
     return 0
 
@@ -331,14 +354,13 @@ def run_pass(kind: str, build, description: str, argv: list[str] | None = None) 
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=5")
     cli = parser.parse_args(argv)
 
-    # 1. Recipe: every key checked, TRL's arguments built, the output folder checked, before anything heavy.
+    # 1. Recipe: every key, TRL's arguments, the output folder, the model and adapter, before anything heavy.
     recipe = load_recipe(cli.recipe, cli.overrides, expect_kind=kind)
-    trainer_args(recipe)
-    check_run_folder(recipe)
+    preflight(recipe)
     launched = relaunch_with_accelerate(recipe, cli.recipe, cli.overrides)
     if launched is not None:
         return launched
-    resume_from = resume_checkpoint(recipe, announce=int(os.environ.get("RANK", "0")) == 0)
+    resume_from = resume_checkpoint(recipe, is_main=int(os.environ.get("RANK", "0")) == 0)
 
     # 2. Data, model and trainer: the pass's recipe.
     trainer, encoder = build(recipe)
@@ -359,5 +381,6 @@ def run_pass(kind: str, build, description: str, argv: list[str] | None = None) 
     # 4. Save (adapter, tokenizer, resolved recipe, log history, model card), then push if asked.
     save_outputs(trainer, recipe, encoder)
     if is_main:
-        print(f"{kind.upper()} adapter written to {recipe.output_dir}")
+        what = "adapter" if recipe.lora.method == "lora" else "fully fine-tuned model"
+        print(f"{kind.upper()} {what} written to {recipe.output_dir}")
     return push_outputs(recipe, is_main)

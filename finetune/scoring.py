@@ -40,6 +40,23 @@ def eval_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def check_loadable(path: str, base: str | None = None, what: str = "model") -> None:
+    """Fail before any weight loads when `path` (a model, or an adapter on its base) cannot be loaded;
+    `what` names the option in the message."""
+    from finetune.model import ModelSourceError, model_config
+
+    adapter_config = Path(path) / "adapter_config.json"
+    if not adapter_config.is_file():
+        model_config(path, what)
+        return
+    if not (Path(path) / "adapter_model.safetensors").is_file():
+        raise ModelSourceError(f"{what}={path}: an adapter folder without adapter_model.safetensors (unfinished?)")
+    recorded = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+    if base is None and not recorded:
+        raise ModelSourceError(f"{what}={path}: the adapter records no base model; give one with --base")
+    model_config(base or recorded, "--base" if base else f"{what}={path}: its recorded base model (or give --base)")
+
+
 def load_for_eval(path: str, base: str | None = None) -> LoadedModel:
     """A model folder / Hub id, or an adapter folder loaded on its recorded base (or `base`)."""
     from transformers import AutoModelForCausalLM

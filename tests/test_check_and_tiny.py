@@ -49,8 +49,9 @@ def run_check(repo_root, *args):
     )
 
 
-def test_check_shows_counts_lengths_and_marked_sample(repo_root, tiny_model_dir):
-    proc = run_check(repo_root, "recipes/tiny/sft.yaml", f"model={tiny_model_dir}", "data.packing=true")
+def test_check_shows_counts_lengths_and_marked_sample(repo_root, tiny_model_dir, tmp_path):
+    proc = run_check(repo_root, "recipes/tiny/sft.yaml", f"model={tiny_model_dir}", "data.packing=true",
+                     f"output_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "2200 read, 2000 train samples, 200 eval samples" in out
@@ -63,23 +64,38 @@ def test_check_shows_counts_lengths_and_marked_sample(repo_root, tiny_model_dir)
         assert "[INST]" not in marked.split("⟧")[0]
 
 
-def test_check_counts_over_length_samples(repo_root, tiny_model_dir):
-    proc = run_check(repo_root, "recipes/tiny/sft.yaml", f"model={tiny_model_dir}", "data.max_length=40")
+def test_check_counts_over_length_samples(repo_root, tiny_model_dir, tmp_path):
+    proc = run_check(repo_root, "recipes/tiny/sft.yaml", f"model={tiny_model_dir}", "data.max_length=40",
+                     f"output_dir={tmp_path}")
     assert proc.returncode == 2
     assert "too long" in proc.stderr and "data.max_length=40" in proc.stderr
-    proc = run_check(
-        repo_root, "recipes/tiny/sft.yaml", f"model={tiny_model_dir}", "data.max_length=40", "data.on_bad_rows=skip"
-    )
+    proc = run_check(repo_root, "recipes/tiny/sft.yaml", f"model={tiny_model_dir}", "data.max_length=40",
+                     "data.on_bad_rows=skip", f"output_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
     too_long = int(proc.stdout.split("max_length 40 tokens: ")[1].split(" ")[0])
     assert too_long > 0
     assert f"skipped    {too_long} bad row(s)" in proc.stdout
 
 
-def test_check_dpo_recipe(repo_root, tiny_model_dir):
-    proc = run_check(repo_root, "recipes/tiny/dpo.yaml", f"model={tiny_model_dir}")
+def test_check_dpo_recipe_needs_the_sft_adapter_and_shows_pairs(repo_root, tiny_model_dir, tmp_path):
+    from conftest import tiny_overrides
+
+    from finetune.sft import main as sft_main
+
+    common = [f"model={tiny_model_dir}", f"output_dir={tmp_path / 'dpo'}"]
+    proc = run_check(repo_root, "recipes/tiny/dpo.yaml", *common, f"dpo.sft_adapter={tmp_path / 'sft'}")
+    assert proc.returncode == 2  # what finetune.dpo refuses before loading, refused here too
+    assert f"dpo.sft_adapter='{tmp_path / 'sft'}' holds no adapter_config.json (run SFT first)" in proc.stderr
+    assert sft_main(["recipes/tiny/sft.yaml", *tiny_overrides(tiny_model_dir, tmp_path / "sft", max_steps=1)]) == 0
+    proc = run_check(repo_root, "recipes/tiny/dpo.yaml", *common, f"dpo.sft_adapter={tmp_path / 'sft'}")
     assert proc.returncode == 0, proc.stderr
-    assert "first preference pair" in proc.stdout and "chosen:   ⟦ " in proc.stdout
+    assert "2200 read, 2000 train samples, 200 eval samples" in proc.stdout
+    pair = proc.stdout.split("first preference pair (reply tokens inside ⟦ ⟧):\n")[1]
+    prompt, replies = pair.split("\nchosen:   ")
+    chosen, rejected = replies.split("\nrejected: ")
+    assert prompt.startswith("prompt:   <s> [INST] ") and prompt.endswith("[/INST]") and "⟦" not in prompt
+    for reply in (chosen, rejected):  # the whole reply and its EOS trained, nothing else
+        assert reply.startswith("⟦ ") and reply.rstrip().endswith("</s>⟧") and reply.count("⟦") == 1
 
 
 def test_check_missing_tiny_model_says_how_to_make_it(repo_root, tmp_path):

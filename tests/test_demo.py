@@ -17,7 +17,8 @@ def test_demo_shows_each_step_helped(tmp_path):
     print({m: (r["heldout"]["loss"], r["generation"]["exact_match"], r["preferences"]["logp_accuracy"])
            for m, r in summary["results"].items()})
     assert sft["heldout"]["loss"] < base["heldout"]["loss"]
-    assert sft["generation"]["exact_match"] > base["generation"]["exact_match"]
+    assert sft["generation"]["rule_pass_rate"] > base["generation"]["rule_pass_rate"] + 0.2
+    assert sft["generation"]["exact_match"] >= base["generation"]["exact_match"]
     assert dpo["preferences"]["logp_accuracy"] > sft["preferences"]["logp_accuracy"]
     assert summary["export_max_logit_difference"] <= 1e-3
     assert code == 0 and all(check["passed"] for check in summary["checks"])

@@ -126,13 +126,15 @@ def test_metrics_are_finite(tiny_model_dir, sft_adapter, tmp_path, bf16):
             assert math.isfinite(log[key]), (key, log)
 
 
-def test_adapter_shape_must_match_the_sft_adapter(tiny_model_dir, sft_adapter, tmp_path):
+def test_adapter_shape_must_match_the_sft_adapter_before_loading(tiny_model_dir, sft_adapter, tmp_path):
+    from finetune.runs import preflight
+
     overrides = dpo_overrides(tiny_model_dir, sft_adapter, tmp_path, "lora.r=4")
     with pytest.raises(RecipeError, match="lora.r=4 differs from the SFT adapter's 8"):
-        build(load_recipe("recipes/tiny/dpo.yaml", overrides, expect_kind="dpo"))
+        preflight(load_recipe("recipes/tiny/dpo.yaml", overrides, expect_kind="dpo"))
     overrides = dpo_overrides(tiny_model_dir, tmp_path / "nothing", tmp_path / "out")
     with pytest.raises(RecipeError, match="holds no adapter_config.json"):
-        build(load_recipe("recipes/tiny/dpo.yaml", overrides, expect_kind="dpo"))
+        preflight(load_recipe("recipes/tiny/dpo.yaml", overrides, expect_kind="dpo"))
 
 
 @pytest.mark.slow

@@ -168,7 +168,8 @@ def test_evaluate_rejects_a_missing_model_with_a_clear_message(tmp_path, capsys)
 
     assert cli_main(["evaluate", str(tmp_path / "nothing"), "--suite", "eval/bundled.yaml", "--out",
                      str(tmp_path / "o")]) == 2
-    assert "no such model or adapter folder" in capsys.readouterr().err
+    assert f"model={tmp_path / 'nothing'}: no such folder" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before anything was written
 
 
 def test_load_balancing_loss_lowers_heldout_maxvio(pretrained_tiny_dir, tmp_path):

@@ -67,13 +67,17 @@ def test_failing_hub_leaves_folder_intact_and_exits_nonzero(adapter_dir, repo_ro
 
 def test_model_card_records_the_run(adapter_dir):
     card = (adapter_dir / "README.md").read_text()
-    for expected in ("base_model:", "data/chat/train.jsonl", "lora on attention, experts, router", "| router | trainable |",
+    for expected in ("base_model:", "`train.jsonl`", "lora on attention, experts, router", "| router | trainable |",
                      "| load-balancing loss coefficient | 0.1 |", "| router z-loss coefficient | 0.0 |",
-                     "| aux_loss |", "| loss |", "kind: sft"):
+                     "| aux_loss |", "| loss |", "kind: sft", "library_name: peft", "PeftModel.from_pretrained"):
         assert expected in card, expected
+    # Published cards name inputs without this machine's paths.
+    assert str(adapter_dir.parent) not in card and "data/chat" not in card
 
 
 def test_recipe_pushes_at_the_end_of_training(tiny_model_dir, tmp_path, repo_root):
+    from finetune.checkpoints import PUSH_FAILED_EXIT_CODE
+
     out = tmp_path / "sft"
     with HubServer() as hub:
         proc = run(["-m", "finetune.sft", "recipes/tiny/sft.yaml", *tiny_overrides(tiny_model_dir, out, max_steps=1),
@@ -85,5 +89,22 @@ def test_recipe_pushes_at_the_end_of_training(tiny_model_dir, tmp_path, repo_roo
     with HubServer(fail_with=503) as hub:
         proc = run(["-m", "finetune.sft", "recipes/tiny/sft.yaml", *tiny_overrides(tiny_model_dir, tmp_path / "b", max_steps=1),
                     "hub.repo_id=org/pushed"], hub, repo_root)
-    assert proc.returncode == 1 and "the local folder is intact" in proc.stderr
+    assert proc.returncode == PUSH_FAILED_EXIT_CODE and "the local folder is intact" in proc.stderr
+    assert "push it later with: python -m finetune.push" in proc.stderr and "Traceback" not in proc.stderr
     assert (tmp_path / "b" / "adapter_model.safetensors").is_file()
+
+
+def test_cards_say_what_the_output_is_for_lora_and_full_fine_tuning(tiny_model_dir, tmp_path):
+    from finetune.card import adapter_card
+    from finetune.config import load_recipe
+
+    overrides = tiny_overrides(tiny_model_dir, tmp_path / "out")
+    lora = adapter_card(load_recipe("recipes/tiny/sft.yaml", overrides), [])
+    full = adapter_card(load_recipe("recipes/tiny/sft.yaml", overrides + ["lora.method=full", "lora.r=null",
+                                                                           "lora.lora_alpha=null"]), [])
+    assert "library_name: peft" in lora and "A SFT LoRA adapter for" in lora and "PeftModel" in lora
+    assert "(r=8, alpha=16)" in lora
+    assert "library_name: transformers" in full and "fully fine-tuned (SFT)" in full
+    assert "LoRA" not in full and "PeftModel" not in full and "r=" not in full.split("## Recipe")[0]
+    for card in (lora, full):
+        assert f"base_model: {tiny_model_dir.name}" in card and str(tmp_path) not in card
