@@ -6,7 +6,7 @@ Builds a Mixtral of a few hundred MB in >= 8 shards and a non-zero LoRA adapter 
 router, then runs each merge in a fresh process. A thread samples the process's resident memory every
 2 ms; what counts is the peak during the merge minus the resident memory just before it (after the
 imports), so the ratios compare what each method itself holds.
-Targets (issue #6): export <= 0.3 x PEFT's, and <= 1.5 x (largest shard + one layer's experts).
+Targets: export <= 0.3 x PEFT's, and <= 1.5 x (largest shard + one layer's experts).
 """
 
 import argparse

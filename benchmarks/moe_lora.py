@@ -1,6 +1,6 @@
 """Expert LoRA speed and memory: the frozen MoE layer vs PEFT's expert LoRA vs ours (finetune/expert_lora.py).
 
-    python benchmarks/moe_lora.py                       # the issue's CPU shape (H 1024, I 3584, 8 experts, 2048 tokens)
+    python benchmarks/moe_lora.py                       # the default CPU shape "h1024" (H 1024, I 3584, 8 experts, 2048 tokens)
     python benchmarks/moe_lora.py --shape small         # a quick run
     python benchmarks/moe_lora.py --shape mixtral --dtype bf16     # on a GPU: Mixtral's layer, 8192 tokens
     python benchmarks/moe_lora.py --shape small --sft-steps 20     # plus the tiny SFT recipe's tokens/s, ours vs PEFT's
@@ -11,7 +11,7 @@ inputs, interleaved round by round, so the ratios compare like with like on a no
 median over rounds. Peak memory: on CUDA the allocator's peak over the step minus what was allocated
 before it; on CPU the peak resident memory (sampled every 0.5 ms) over the step minus the resident
 memory before it, with freed memory handed back to the OS first (malloc_trim).
-Targets (issue #8): CPU step <= 1.15 x frozen and extra memory <= 0.1 x PEFT's extra; GPU >= 1.5 x faster
+Targets: CPU step <= 1.15 x frozen and extra memory <= 0.1 x PEFT's extra; GPU >= 1.5 x faster
 than grouped_mm + PEFT.
 """
 
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SHAPES = {  # hidden, intermediate, experts, tokens
     "small": (256, 896, 8, 512),
-    "issue": (1024, 3584, 8, 2048),
+    "h1024": (1024, 3584, 8, 2048),
     "mixtral": (4096, 14336, 8, 8192),
 }
 MIB = 1024**2
@@ -199,7 +199,7 @@ def bench_sft(steps: int) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
-                        help="default: issue on CPU, mixtral on CUDA")
+                        help="default: h1024 on CPU, mixtral on CUDA")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: fp32 on CPU, bf16 on CUDA")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--rank", type=int, default=16)
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sft-steps", type=int, default=0, help="also time the tiny SFT recipe for this many steps")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shape = args.shape or ("mixtral" if device.type == "cuda" else "issue")
+    shape = args.shape or ("mixtral" if device.type == "cuda" else "h1024")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     if device.type == "cuda":
         print(f"device: {torch.cuda.get_device_name()}")

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import yaml
 
-from finetune.config import Recipe, parse_yaml, to_dict
+from finetune.config import Recipe, to_dict
 from finetune.redaction import redact
+from finetune.typed_yaml import parse_yaml
 
 
 def public_name(value: str | None) -> str | None:

@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+
+from finetune.config import Recipe, RecipeError
 
 IGNORE_INDEX = -100
 SP_FILENAME = "tokenizer.model"
@@ -71,12 +74,19 @@ def find_sentencepiece(model: str, tokenizer: str | None = None) -> Path:
         if (path / SP_FILENAME).is_file():
             return path / SP_FILENAME
     if tokenizer is None and _looks_like_hub_id(model) and not Path(model).exists():
-        try:
-            from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            LocalEntryNotFoundError,
+            OfflineModeIsEnabled,
+        )
 
+        try:
             return Path(hf_hub_download(model, SP_FILENAME))
-        except Exception:  # offline or gated: the bundled file is the same Mixtral v1 tokenizer
-            pass
+        except (GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
+            # Offline or gated only: a repository without the file (another model family) stays an error.
+            warnings.warn(f"cannot fetch {SP_FILENAME} of {model} ({type(err).__name__}); using the Mixtral v1 "
+                          "tokenizer bundled with mistral-common, the same file as Mixtral 8x7B's", stacklevel=2)
     if tokenizer is not None:
         raise FileNotFoundError(f"tokenizer {tokenizer!r}: no {SP_FILENAME} there")
     return bundled_sentencepiece_path()
@@ -158,7 +168,15 @@ class ChatEncoder:
 def build_hf_tokenizer(sentencepiece_path: str | os.PathLike):
     """A transformers tokenizer that reproduces SentencePiece, with the Mixtral-Instruct template."""
     from sentencepiece import sentencepiece_model_pb2
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        normalizers,
+        pre_tokenizers,
+        processors,
+    )
     from tokenizers.models import BPE
     from transformers import PreTrainedTokenizerFast
     from transformers.tokenization_utils_base import generate_merges
@@ -210,3 +228,18 @@ def save_tokenizer(sentencepiece_path: str | os.PathLike, out_dir: str | os.Path
     target = out_dir / SP_FILENAME
     if Path(sentencepiece_path).resolve() != target.resolve():
         target.write_bytes(Path(sentencepiece_path).read_bytes())
+
+
+def encoder_for(recipe: Recipe) -> ChatEncoder:
+    """The SentencePiece encoder for a recipe, checked against the model's vocabulary when known (the model
+    itself was checked before: finetune.arguments.preflight)."""
+    encoder = ChatEncoder(find_sentencepiece(recipe.model, recipe.tokenizer))
+    config_file = Path(recipe.model) / "config.json"
+    if config_file.is_file():
+        vocab = json.loads(config_file.read_text()).get("vocab_size")
+        if vocab is not None and vocab < encoder.vocab_size:
+            raise RecipeError(
+                f"{recipe.source}: tokenizer {encoder.path} has {encoder.vocab_size} pieces but model "
+                f"{recipe.model} has vocab_size {vocab}; set 'tokenizer' to the model's tokenizer.model"
+            )
+    return encoder

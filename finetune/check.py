@@ -13,35 +13,14 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import json
 import statistics
 import sys
-from pathlib import Path
 
-from finetune.chat_format import IGNORE_INDEX, ChatEncoder, find_sentencepiece
-from finetune.config import Recipe, RecipeError, load_recipe
+from finetune.chat_format import IGNORE_INDEX, ChatEncoder, encoder_for
+from finetune.config import Recipe, load_recipe
 from finetune.data import Prepared, bad_rows_message, prepare, sample_lengths
 
 MARK_OPEN, MARK_CLOSE = "⟦", "⟧"
-
-
-def encoder_for(recipe: Recipe) -> ChatEncoder:
-    """The SentencePiece encoder for a recipe, checked against the model's vocabulary when known."""
-    encoder = ChatEncoder(find_sentencepiece(recipe.model, recipe.tokenizer))
-    config_file = Path(recipe.model) / "config.json"
-    if config_file.is_file():
-        vocab = json.loads(config_file.read_text()).get("vocab_size")
-        if vocab is not None and vocab < encoder.vocab_size:
-            raise RecipeError(
-                f"{recipe.source}: tokenizer {encoder.path} has {encoder.vocab_size} pieces but model "
-                f"{recipe.model} has vocab_size {vocab}; set 'tokenizer' to the model's tokenizer.model"
-            )
-    elif not Path(recipe.model).exists() and recipe.model.count("/") != 1:
-        raise RecipeError(
-            f"{recipe.source}: model {recipe.model!r} is neither a local folder nor a Hub id (org/name). "
-            f"For the tiny recipes create it first: python -m finetune.tiny {recipe.model}"
-        )
-    return encoder
 
 
 def render_sample(encoder: ChatEncoder, input_ids: list[int], labels: list[int]) -> str:
@@ -90,7 +69,7 @@ def report(recipe: Recipe, encoder: ChatEncoder, prepared: Prepared) -> str:
     lines.append(f"max_length {data.max_length} tokens: {too_long} sample(s) exceed it")
     if prepared.bad_rows:
         lines.append(f"skipped    {len(prepared.bad_rows)} bad row(s) (data.on_bad_rows=skip)")
-        lines += ["  " + line for line in bad_rows_message(prepared.bad_rows).splitlines()[:-1]]
+        lines += ["  " + line for line in bad_rows_message(prepared.bad_rows, with_fix=False).splitlines()]
     train_lengths = sample_lengths(prepared.train)
     lines.append(f"lengths    train: {length_stats(train_lengths)}")
     if prepared.eval:
@@ -133,7 +112,7 @@ def _packed_rows(lengths: list[int], max_length: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from finetune.runs import preflight
+    from finetune.arguments import preflight
 
     parser = argparse.ArgumentParser(prog="python -m finetune.check", description=__doc__.split("\n")[0])
     parser.add_argument("recipe")

@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from finetune.config import RUN_CONTROL_KEYS, Recipe, RecipeError, dump_yaml, parse_yaml, to_dict
+from finetune.config import RUN_CONTROL_KEYS, Recipe, RecipeError, dump_yaml, to_dict
 from finetune.output_folder import listing, overlap
+from finetune.typed_yaml import parse_yaml
 
 RECIPE_FILE = "recipe.yaml"
 # EX_TEMPFAIL from sysexits.h: "try again later". A job script can requeue on it: the rerun continues.

@@ -23,14 +23,17 @@ PASSES = {
 
 
 def run_guarded(main_fn, argv=None) -> int:
-    """Run an entry point; bad input (finetune/errors.py) prints one `error:` line and exits 2."""
-    from finetune.errors import InputError
+    """Run an entry point: bad input exits 2, a failed check 1, each as one `error:` line (finetune/errors.py)."""
+    from finetune.errors import CheckFailed, InputError
 
     try:
         return main_fn(argv) or 0
     except (InputError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except CheckFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,10 +11,6 @@ impossible combinations raise `RecipeError` naming the recipe file and the key, 
 from __future__ import annotations
 
 import dataclasses
-import enum
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,7 +19,14 @@ import yaml
 
 from finetune.errors import InputError
 from finetune.redaction import is_secret_key, redact
-
+from finetune.typed_yaml import (
+    build_dataclass,
+    describe,
+    enum_choices,
+    read_yaml_mapping,
+    safe_type_hints,
+    type_matches,
+)
 
 SECRET_FIX = ("recipes are copied into every output and pushed to the Hub, so remove it and use "
               "`huggingface-cli login` or the HF_TOKEN environment variable instead")
@@ -31,27 +34,6 @@ SECRET_FIX = ("recipes are copied into every output and pushed to the Hub, so re
 
 class RecipeError(InputError):
     """A recipe that cannot run; the message names the file and the key."""
-
-
-class RecipeLoader(yaml.SafeLoader):
-    """YAML 1.2 scalars: only true/false are booleans (YAML 1.1 reads `eval_strategy: no` as False), and
-    `1e-3` is a float (YAML 1.1 wants `1.0e-3`)."""
-
-
-RecipeLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"), list("-+0123456789.")
-)
-
-
-def parse_yaml(text: str):
-    return yaml.load(text, Loader=RecipeLoader)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,12 +197,13 @@ OWNED_LORA_KEYS = {
 def load_recipe(path: str | Path, overrides: list[str] = (), expect_kind: str | None = None) -> Recipe:
     """Read a YAML recipe, apply `a.b=value` overrides, build and validate the Recipe."""
     path = Path(path)
-    raw = read_yaml_mapping(path, overrides, "recipe")
+    raw = read_yaml_mapping(path, overrides, "recipe", RecipeError)
     if "source" in raw:
         raise RecipeError(f"{path}: unknown key 'source'")
     _refuse_secret_values(raw, path, "")
     raw["source"] = str(path)
-    recipe = _build(Recipe, raw, str(path), "")
+    collect = {LoraSection: ("peft", _lora_fields)}
+    recipe = build_dataclass(Recipe, raw, str(path), "", RecipeError, collect)
     if expect_kind is not None and recipe.kind != expect_kind:
         raise RecipeError(
             f"{path}: this is a {recipe.kind!r} recipe (key 'kind'); run it with python -m finetune.{recipe.kind}"
@@ -242,95 +225,16 @@ def _refuse_secret_values(node: Any, path: Path, key: str) -> None:
                           f"WANDB_API_KEY); {SECRET_FIX}")
 
 
-def read_yaml_mapping(path: Path, overrides: list[str], what: str) -> dict:
-    """A YAML file's top-level mapping with `a.b=value` overrides applied; RecipeError naming the file."""
-    if not path.is_file():
-        raise RecipeError(f"{what} file not found: {path}")
-    try:
-        raw = parse_yaml(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
-    for item in overrides:
-        apply_override(raw, item, path)
-    return raw
-
-
-def apply_override(raw: dict, item: str, path: Path) -> None:
-    """`train.max_steps=5` sets raw["train"]["max_steps"] = 5 (the value is parsed as YAML)."""
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-        raise RecipeError(f"{path}: override {item!r} must look like key.sub=value")
-    node = raw
-    parts = key.split(".")
-    for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise RecipeError(f"{path}: override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
-        node = child
-    try:
-        node[parts[-1]] = parse_yaml(value) if value != "" else None
-    except yaml.YAMLError as err:
-        problem = str(err).splitlines()[0]
-        raise RecipeError(f"{path}: override {item!r}: the value is not valid YAML ({problem}); "
-                          "quote it, e.g. key='[1, 2]'") from None
-
-
-def _build(cls, data: Any, source: str, prefix: str):
-    """Make dataclass `cls` from a mapping, checking every key and type."""
-    if not isinstance(data, dict):
-        raise RecipeError(f"{source}: {prefix.rstrip('.') or 'recipe'} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs, extra = {}, {}
-    for key, value in data.items():
-        if key not in names or key == "peft":
-            extra[key] = value
-            continue
-        kwargs[key] = _convert(hints[key], value, source, prefix + key)
-    if cls is LoraSection:  # null unsets a key (so an override can drop `r` when switching to full)
-        extra = {k: v for k, v in extra.items() if v is not None}
-        kwargs["peft"] = _check_foreign(extra, _lora_config_class(), OWNED_LORA_KEYS, source, "lora.")
-    elif extra:
-        key = next(iter(extra))
-        known = sorted(names - {"source", "peft"})  # filled by the parser, never by a recipe
-        raise RecipeError(f"{source}: unknown key {prefix + key!r} (known: {', '.join(known)})")
-    missing = [
-        f.name
-        for f in dataclasses.fields(cls)
-        if f.name not in kwargs
-        and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING
-    ]
-    if missing:
-        raise RecipeError(f"{source}: missing required key {prefix + missing[0]!r}")
-    return cls(**kwargs)
-
-
-def _convert(annotation, value, source: str, key: str):
-    """Our own sections are dataclasses; everything else is type-checked as is."""
-    origin = typing.get_origin(annotation)
-    if dataclasses.is_dataclass(annotation):
-        return _build(annotation, value, source, key + ".")
-    if origin is list and dataclasses.is_dataclass(typing.get_args(annotation)[0]):
-        if not isinstance(value, list):
-            raise RecipeError(f"{source}: {key} must be a list, got {value!r}")
-        return [_convert(typing.get_args(annotation)[0], v, source, f"{key}[{i}]") for i, v in enumerate(value)]
-    if key == "train":
-        if not isinstance(value, dict):
-            raise RecipeError(f"{source}: train must be a mapping of SFTConfig / DPOConfig fields "
-                              f"(e.g. train: {{learning_rate: 1.0e-4}}), got {value!r}")
-        return value  # checked against the trainer config class in validate()
-    if not type_matches(value, annotation):
-        raise RecipeError(f"{source}: {key} must be {_describe(annotation)}, got {value!r}")
-    return value
+def _lora_fields(extra: dict, source: str, prefix: str) -> dict:
+    """The `lora` section's LoraConfig fields; null unsets a key (an override can drop `r` for full)."""
+    extra = {k: v for k, v in extra.items() if v is not None}
+    return _check_foreign(extra, _lora_config_class(), OWNED_LORA_KEYS, source, prefix)
 
 
 def _check_foreign(values: dict, config_cls, owned: dict, source: str, prefix: str) -> dict:
     """Check keys destined for a library config class (LoraConfig, SFTConfig) by name and type."""
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    hints = _safe_type_hints(config_cls)
+    hints = safe_type_hints(config_cls)
     for key, value in values.items():
         if key in owned:
             raise RecipeError(f"{source}: {prefix}{key} is set by the recipe itself; use {owned[key]}")
@@ -343,74 +247,11 @@ def _check_foreign(values: dict, config_cls, owned: dict, source: str, prefix: s
             )
         annotation = hints.get(key, Any)
         if not type_matches(value, annotation):
-            raise RecipeError(f"{source}: {prefix}{key} must be {_describe(annotation)}, got {value!r}")
-        choices = _enum_choices(annotation)
+            raise RecipeError(f"{source}: {prefix}{key} must be {describe(annotation)}, got {value!r}")
+        choices = enum_choices(annotation)
         if choices and isinstance(value, str) and value not in choices:
             raise RecipeError(f"{source}: {prefix}{key} must be one of {', '.join(choices)}, got {value!r}")
     return dict(values)
-
-
-def _enum_choices(annotation) -> list[str]:
-    """The values of an Enum in `annotation` (e.g. `SchedulerType | str` accepts only its values)."""
-    for arg in (annotation, *typing.get_args(annotation)):
-        if isinstance(arg, type) and issubclass(arg, enum.Enum):
-            return [str(m.value) for m in arg]
-    return []
-
-
-def _safe_type_hints(cls) -> dict:
-    try:
-        return typing.get_type_hints(cls)
-    except Exception:  # some library annotations name types that are not importable; skip those
-        return {}
-
-
-def type_matches(value, annotation) -> bool:
-    """A small structural check of YAML values against a type annotation."""
-    if annotation is Any or isinstance(annotation, (str, typing.TypeVar)):
-        return True
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(type_matches(value, a) for a in args)
-    if origin is Literal:
-        return value in args
-    if annotation is type(None) or annotation is None:
-        return value is None
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is str:
-        return isinstance(value, str)
-    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        return value in [m.value for m in annotation] or value in annotation.__members__
-    if origin in (list, tuple, typing.Sequence) or annotation in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            return False
-        return not args or all(type_matches(v, args[0]) for v in value)
-    if origin is dict or annotation is dict:
-        if not isinstance(value, dict):
-            return False
-        return not args or all(type_matches(v, args[1]) for v in value.values())
-    if isinstance(annotation, type):
-        return isinstance(value, annotation)
-    return True
-
-
-def _describe(annotation) -> str:
-    origin = typing.get_origin(annotation)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(annotation))
-    if annotation is type(None):
-        return "null"
-    if origin is list and typing.get_args(annotation):
-        return f"a list, each item {_describe(typing.get_args(annotation)[0])}"
-    return getattr(annotation, "__name__", str(annotation))
 
 
 def _lora_config_class():

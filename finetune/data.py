@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from finetune.chat_format import IGNORE_INDEX, ChatEncoder
+from finetune.chat_format import ChatEncoder
 from finetune.config import DataConfig, DataSource
 from finetune.errors import InputError
 
@@ -323,19 +323,17 @@ def _reason_kind(reason: str) -> str:
     return reason.split(":")[0].split(" (")[0]
 
 
-def bad_rows_message(bad_rows: list[BadRow], limit: int = 10) -> str:
+def bad_rows_message(bad_rows: list[BadRow], limit: int = 10, with_fix: bool = True) -> str:
+    """The first `limit` bad rows, the counts per reason and (`with_fix`) how to go on."""
     counts = Counter(_reason_kind(b.reason) for b in bad_rows)
     lines = [f"{len(bad_rows)} bad row(s):"]
     lines += [f"  {b.where}: {b.reason}" for b in bad_rows[:limit]]
     if len(bad_rows) > limit:
         lines.append(f"  ... and {len(bad_rows) - limit} more")
     lines.append("counts: " + ", ".join(f"{kind}: {n}" for kind, n in counts.most_common()))
-    lines.append("Fix the rows, or set data.on_bad_rows=skip to drop them.")
+    if with_fix:
+        lines.append("Fix the rows, or set data.on_bad_rows=skip to drop them.")
     return "\n".join(lines)
-
-
-def labelled_ids(sample: dict) -> list[int]:
-    return [t for t, label in zip(sample["input_ids"], sample["labels"]) if label != IGNORE_INDEX]
 
 
 def sample_lengths(samples: list[dict]) -> list[int]:

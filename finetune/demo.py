@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from finetune.evaluate import comparison_rows, evaluate, load_suite, markdown_table, text_table
+from finetune.eval_report import comparison_rows, markdown_table, text_table
+from finetune.evaluate import evaluate, load_suite
 from finetune.plots import log_series, loss_curves, router_heatmaps
 
 SUITE = "eval/bundled.yaml"
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     from finetune.dpo import main as dpo_main
     from finetune.export import export
     from finetune.sft import main as sft_main
-    from finetune.tiny import make_tiny_mixtral
+    from finetune.tiny import PRETRAIN_BATCH, PRETRAIN_LENGTH, make_tiny_mixtral
 
     out = Path(args.out)
     claim_demo_folder(out)
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                      "bundled text")
     run_stage(timings, "base", lambda: make_tiny_mixtral(base, seed=0, pretrain_steps=args.pretrain_steps,
                                                          hidden=args.hidden, intermediate=2 * args.hidden))
-    pretrain_tokens = args.pretrain_steps * 8 * 64  # finetune.tiny.pretrain: batches of 8 x 64 tokens
+    pretrain_tokens = args.pretrain_steps * PRETRAIN_BATCH * PRETRAIN_LENGTH
     timings["base"].update(tokens_per_second=pretrain_tokens / timings["base"]["seconds"], output=str(base))
 
     stage(2, "SFT", "recipes/tiny/sft.yaml: LoRA on attention, experts and router, load-balancing loss")

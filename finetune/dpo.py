@@ -13,7 +13,7 @@ trains on it, the adapter-free model being the reference. `train.precompute_ref_
 computes the reference log-probs once before training.
 
 The loss is TRL's DPO loss (`train.loss_type`: sigmoid, ipo, hinge, robust, ...; `train.beta`,
-`train.label_smoothing`) plus the same router losses as SFT, added the same way (finetune/moe.py).
+`train.label_smoothing`) plus the same router losses as SFT, added the same way (finetune/moe_trainer.py).
 """
 
 from __future__ import annotations
@@ -21,38 +21,28 @@ from __future__ import annotations
 import functools
 import sys
 
-from transformers import set_seed
 from trl import DPOTrainer
 
-from finetune.chat_format import ChatEncoder
-from finetune.check import encoder_for
 from finetune.config import Recipe
-from finetune.losses import use_compact_lm_head
+from finetune.lm_head import use_compact_lm_head
 from finetune.model import apply_method, load_base_model, use_expert_kernel
-from finetune.runs import (
-    RouterLossHook,
-    Throughput,
-    announce,
-    load_data,
-    run_pass,
-    trainer_args,
-    trainer_inputs,
-)
+from finetune.moe_trainer import MoETrainerMixin
+from finetune.runs import TrainingPass
 
 REFERENCE_ADAPTER = "ref"
 
 
-class MoEDPOTrainer(DPOTrainer):
-    """TRL's DPOTrainer on our exact token ids, plus the router losses of finetune.moe and throughput."""
+class MoEDPOTrainer(MoETrainerMixin, DPOTrainer):
+    """TRL's DPOTrainer on our exact token ids, plus the router losses, router health and throughput of
+    finetune/moe_trainer.py (the DPO loss itself logged as `dpo_loss`)."""
 
-    def __init__(self, *args, moe, **kwargs):
+    task_loss_name = "dpo_loss"
+
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         for name, param in self.model.named_parameters():  # TRL's copy of the SFT adapter never trains
             if f".{REFERENCE_ADAPTER}." in name:
                 param.requires_grad_(False)
-        use_compact_lm_head(self.model)
-        self.router_loss = RouterLossHook(self.model, moe)
-        self.throughput = Throughput()
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         use_compact_lm_head(self.model)  # TRL precomputes inside __init__, after patching its own head
@@ -73,20 +63,6 @@ class MoEDPOTrainer(DPOTrainer):
         # would; TRL's re-tokenization through the transformers tokenizer is not SentencePiece-exact.
         return dataset
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        with self.router_loss.tap.capture():
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss = result[0] if return_outputs else result
-        loss = self.router_loss.add(
-            self, loss, inputs.get("attention_mask"), num_items_in_batch, log_task_loss_as="dpo_loss"
-        )
-        return (loss, result[1]) if return_outputs else loss
-
-    def log(self, logs, start_time=None):
-        logs = self.router_loss.add_router_stats(logs, "train" if self.model.training else "eval",
-                                                   self.state.global_step)
-        super().log(self.throughput.update(logs, self.state.global_step, self._total_train_tokens), start_time)
-
 
 def load_policy(recipe: Recipe):
     """Base + SFT adapter as the trainable policy (TRL adds the frozen reference copy). The adapter was
@@ -99,25 +75,8 @@ def load_policy(recipe: Recipe):
     return use_expert_kernel(PeftModel.from_pretrained(base, recipe.dpo.sft_adapter, is_trainable=True), recipe)
 
 
-def build(recipe: Recipe) -> tuple[MoEDPOTrainer, ChatEncoder]:
-    """Recipe -> data -> model -> trainer, printing what will train."""
-    args = trainer_args(recipe)
-
-    # Data: Mixtral-Instruct prompt ids and reply ids (each reply ends with EOS).
-    encoder = encoder_for(recipe)
-    data = load_data(recipe, args, encoder)
-
-    # Model: policy and reference both start as the SFT policy. Seeded first: PEFT draws the LoRA
-    # initialisation of a fresh adapter from the global RNG.
-    set_seed(args.seed)
-    model = load_policy(recipe)
-    announce(model, recipe, args, data)
-    trainer = MoEDPOTrainer(model=model, args=args, **trainer_inputs(recipe, data, encoder))
-    return trainer, encoder
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_pass("dpo", build, __doc__.split("\n")[0], argv)
+DPO = TrainingPass("dpo", MoEDPOTrainer, load_policy, __doc__.split("\n")[0])
+build, main = DPO.build, DPO.main  # recipe -> (trainer, encoder); the command line
 
 
 if __name__ == "__main__":

@@ -27,9 +27,7 @@ items override suite keys (e.g. `limit=20`).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
-import json
 import math
 import sys
 from collections import defaultdict
@@ -37,10 +35,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.checkers import check_rule, exact_match, validate_rules
-from finetune.config import DataSource, RecipeError, _build, read_yaml_mapping
-from finetune.data import BadRow, DataError, bad_rows_message, check_messages, encode_source, read_rows
+from finetune.config import DataSource
+from finetune.data import (
+    BadRow,
+    DataError,
+    bad_rows_message,
+    check_messages,
+    encode_source,
+    read_rows,
+)
+from finetune.errors import InputError
+from finetune.eval_report import comparison_rows, text_table, write_outputs
 from finetune.output_folder import check_output, staged
-from finetune.plots import router_heatmaps
 from finetune.scoring import (
     LoadedModel,
     check_loadable,
@@ -49,6 +55,11 @@ from finetune.scoring import (
     load_for_eval,
     preference_logps,
 )
+from finetune.typed_yaml import build_dataclass, read_yaml_mapping
+
+
+class SuiteError(InputError):
+    """An evaluation suite that cannot run; the message names the suite file and the key."""
 
 
 @dataclass
@@ -82,15 +93,15 @@ class Suite:
 
 def load_suite(path: str | Path, overrides: list[str] = ()) -> Suite:
     path = Path(path)
-    suite = _build(Suite, read_yaml_mapping(path, overrides, "suite"), str(path), "")
+    suite = build_dataclass(Suite, read_yaml_mapping(path, overrides, "suite", SuiteError), str(path), "", SuiteError)
     for key in ("chat", "preferences", "instructions", "lm_eval_include"):
         value = getattr(suite, key)
         if value is not None and not Path(value).exists():
-            raise RecipeError(f"{path}: {key}: {value} does not exist (paths are relative to the working directory)")
+            raise SuiteError(f"{path}: {key}: {value} does not exist (paths are relative to the working directory)")
     if not (suite.chat or suite.preferences or suite.instructions or suite.lm_eval_tasks):
-        raise RecipeError(f"{path}: nothing to evaluate: set chat, preferences, instructions or lm_eval_tasks")
+        raise SuiteError(f"{path}: nothing to evaluate: set chat, preferences, instructions or lm_eval_tasks")
     if suite.batch_size < 1 or suite.max_new_tokens < 1 or (suite.limit is not None and suite.limit < 1):
-        raise RecipeError(f"{path}: batch_size, max_new_tokens and limit must be at least 1")
+        raise SuiteError(f"{path}: batch_size, max_new_tokens and limit must be at least 1")
     return suite
 
 
@@ -106,7 +117,7 @@ def suite_files(suite: Suite) -> list[str]:
 def encoded(path: str, kind: str, loaded: LoadedModel, suite: Suite) -> list[dict]:
     samples, bad, _ = encode_source(DataSource(path), kind, loaded.encoder, suite.max_length, progress=False)
     if bad:
-        raise DataError(f"suite {suite.name}, {path}: " + bad_rows_message(bad).rsplit("\n", 1)[0])
+        raise DataError(f"suite {suite.name}, {path}: " + bad_rows_message(bad, with_fix=False))
     return samples[: suite.limit]
 
 
@@ -125,7 +136,7 @@ def instruction_rows(path: str, suite: Suite) -> list[dict]:
         else:
             rows.append(row)
     if bad:
-        raise DataError(f"suite {suite.name}, {path}: " + bad_rows_message(bad).rsplit("\n", 1)[0])
+        raise DataError(f"suite {suite.name}, {path}: " + bad_rows_message(bad, with_fix=False))
     return rows[: suite.limit]
 
 
@@ -238,120 +249,6 @@ def evaluate(path: str, suite: Suite, base: str | None = None, reference: str | 
 # ----------------------------------------------------------------------------------------------
 # Reports
 
-SUMMARY = [  # (label, path into the results, higher is better)
-    ("held-out loss", ("heldout", "loss"), False),
-    ("perplexity", ("heldout", "perplexity"), False),
-    ("token accuracy", ("heldout", "token_accuracy"), True),
-    ("exact match", ("generation", "exact_match"), True),
-    ("instruction rules followed", ("generation", "rule_pass_rate"), True),
-    ("prompts with every rule followed", ("generation", "prompt_rule_pass_rate"), True),
-    ("preference accuracy (vs reference)", ("preferences", "accuracy"), True),
-    ("reward margin (vs reference)", ("preferences", "margin"), True),
-    ("preference accuracy (log-prob, no reference)", ("preferences", "logp_accuracy"), True),
-    ("router MaxVio (mean over layers)", ("heldout", "router", "maxvio_mean"), False),
-    ("router CV (mean over layers)", ("heldout", "router", "cv_mean"), False),
-    ("router entropy (mean, nats)", ("heldout", "router", "entropy_mean"), None),
-    ("dead experts (< 1% share)", ("heldout", "router", "dead_experts"), False),
-]
-
-
-def figure(results: dict, keys: tuple) -> float | None:
-    node = results
-    for key in keys:
-        if not isinstance(node, dict) or node.get(key) is None:
-            return None
-        node = node[key]
-    return node
-
-
-def summary(results: dict) -> dict[str, float]:
-    """The headline figures of one evaluation, by label (missing parts left out)."""
-    flat = {label: figure(results, keys) for label, keys, _ in SUMMARY}
-    for task, metrics in (results.get("lm_eval") or {}).items():
-        if isinstance(metrics, dict):
-            flat.update({f"lm-eval {task} {metric}": value for metric, value in metrics.items()})
-    return {label: value for label, value in flat.items() if value is not None}
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, int):
-        return str(value)
-    return f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}"
-
-
-def comparison_rows(columns: list[tuple[str, dict]]) -> list[list[str]]:
-    """Rows [figure, value per column..., (difference of the first two)] over the union of figures."""
-    summaries = [summary(results) for _, results in columns]
-    labels = [label for label in dict.fromkeys(k for s in summaries for k in s)]
-    rows = []
-    for label in labels:
-        values = [s.get(label) for s in summaries]
-        row = [label] + [_fmt(v) for v in values]
-        if len(columns) == 2:
-            row.append(_fmt(values[0] - values[1]) if None not in values else "n/a")
-        rows.append(row)
-    return rows
-
-
-def text_table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-
-    def line(row):
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
-def heatmap_panels(columns: list[tuple[str, dict]]) -> list[tuple[str, list[list[float]]]]:
-    panels = []
-    for name, results in columns:
-        router = figure(results, ("heldout", "router"))
-        if router:
-            title = f"{name}: {Path(results['model']).name}\nMaxVio {router['maxvio_mean']:.2f}, CV {router['cv_mean']:.2f}"
-            panels.append((title, router["share"]))
-    return panels
-
-
-def write_report(out: Path, suite: Suite, columns: list[tuple[str, dict]], records: list[dict]) -> Path:
-    """report.md with the figures table, the router heatmaps and a few generations."""
-    header = ["figure"] + [name for name, _ in columns] + (["difference"] if len(columns) == 2 else [])
-    lines = [f"# Evaluation on suite `{suite.name}`", ""]
-    for name, results in columns:
-        reference = figure(results, ("preferences", "reference"))
-        lines.append(f"- **{name}**: `{results['model']}`" + (f" (adapter on `{results['base']}`)" if results["base"] else "")
-                     + (f"; preference reference: `{reference}`" if reference else ""))
-    lines += ["", markdown_table(header, comparison_rows(columns)), ""]
-    by_task = [(name, figure(results, ("generation", "exact_match_by_task")) or {}) for name, results in columns]
-    tasks = sorted({t for _, m in by_task for t in m})
-    if tasks:
-        rows = [[task] + [_fmt(m.get(task)) for _, m in by_task] for task in tasks]
-        lines += ["## Exact match by task", "", markdown_table(["task"] + [n for n, _ in by_task], rows), ""]
-    if (out / "router_load.png").is_file():
-        lines += ["## Router load on the held-out conversations", "",
-                  "Share of routed tokens per layer (rows) and expert (columns); balanced is 1/experts (red mark).",
-                  "", "![router load](router_load.png)", ""]
-    if records:
-        lines += [f"## Generations (first 8 of {len(records)}, all in generations.jsonl)", ""]
-        rows = [[r["prompt"].replace("|", "\\|"), r["reply"].replace("|", "\\|").replace("\n", " "),
-                 "yes" if r["exact_match"] else "no", f"{sum(r['rules_followed'])}/{len(r['rules_followed'])}"]
-                for r in records[:8]]
-        lines += [markdown_table(["prompt", "reply", "exact", "rules"], rows), ""]
-    for name, results in columns:
-        skipped = figure(results, ("lm_eval", "skipped"))
-        if skipped:
-            lines += [f"lm-eval tasks for {name}: skipped ({skipped})."]
-    path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m finetune.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("model", help="model folder, Hub id, or adapter folder")
@@ -388,23 +285,6 @@ def main(argv: list[str] | None = None) -> int:
     plot = out / "router_load.png"
     print(f"wrote {out / 'metrics.json'}, {report}" + (f", {plot}" if plot.is_file() else ""))
     return 0
-
-
-def write_outputs(folder: Path, suite: Suite, columns: list[tuple[str, dict]], all_records: list[dict],
-                  with_difference: bool) -> Path:
-    """metrics.json, generations.jsonl, router_load.png and report.md into `folder`; the report's path."""
-    payload = {name: results for name, results in columns}
-    if with_difference:
-        first, second = summary(columns[0][1]), summary(columns[1][1])
-        payload["difference"] = {k: first[k] - second[k] for k in first if k in second}
-    payload["suite"] = dataclasses.asdict(suite)
-    (folder / "metrics.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
-    with open(folder / "generations.jsonl", "w") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in all_records)
-    panels = heatmap_panels(columns)
-    if panels:
-        router_heatmaps(panels, folder / "router_load.png")
-    return write_report(folder, suite, columns, [r for r in all_records if r["model"] == "model"])
 
 
 def _same(a: str, b: str) -> bool:

@@ -26,10 +26,10 @@ import types
 import torch
 from torch import nn
 
-try:  # transformers' dispatcher: the grouped-mm kernels where they exist, its own fallback elsewhere
-    from transformers.integrations.moe import _grouped_mm as _transformers_grouped_mm
-except ImportError:  # pragma: no cover - older or newer layouts of transformers
-    _transformers_grouped_mm = None
+from finetune.private_apis import transformers_grouped_mm
+
+# transformers' dispatcher: the grouped-mm kernels where they exist, its own fallback elsewhere.
+_transformers_grouped_mm = transformers_grouped_mm()
 
 
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -183,7 +183,3 @@ def use_routed_expert_lora(model: nn.Module) -> int:
             module.forward = types.MethodType(_routed_forward, module)
             swapped += 1
     return swapped
-
-
-def uses_routed_expert_lora(model: nn.Module) -> bool:
-    return any(getattr(m.forward, "__func__", None) is _routed_forward for m in model.modules())

@@ -35,8 +35,9 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from finetune.card import merged_card
-from finetune.errors import InputError
-from finetune.output_folder import OutputError, check_output, staged
+from finetune.errors import CheckFailed, InputError
+from finetune.model import adapter_base
+from finetune.output_folder import check_output, staged
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "chat_template.jinja",
                    "special_tokens_map.json")
@@ -51,7 +52,7 @@ class ExportError(InputError):
     """An adapter or base checkpoint that cannot be merged; the message says which and why."""
 
 
-class VerificationError(ExportError):
+class VerificationError(CheckFailed):
     """The merged model does not reproduce base + adapters; nothing was written to --out."""
 
 
@@ -199,8 +200,7 @@ def export(adapters: list[str], out: str | Path, base: str | None = None, dtype:
     for adapter in adapters:
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise ExportError(f"{adapter}: no adapter_config.json (not a PEFT adapter folder)")
-    first = json.loads((Path(adapters[0]) / "adapter_config.json").read_text()) if adapters else {}
-    base = base or first.get("base_model_name_or_path")
+    base = base or (adapter_base(adapters[0]) if adapters else None)
     if not base:
         raise ExportError("no --base given and the adapter records no base model")
     base_dir = base_files(base)
@@ -301,15 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-verify", action="store_true", help="skip the logits check (it loads two models)")
     parser.add_argument("--tolerance", type=float, default=None, help="max |logit diff| (default 1e-3, bf16/fp16 0.1)")
     args = parser.parse_args(argv)
-    try:
-        exported = export(args.adapters, args.out, args.base, args.dtype, overwrite=args.overwrite,
-                          verify=not args.no_verify, tolerance=args.tolerance)
-    except VerificationError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except (ExportError, OutputError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    exported = export(args.adapters, args.out, args.base, args.dtype, overwrite=args.overwrite,
+                      verify=not args.no_verify, tolerance=args.tolerance)
     print(f"merged model written to {exported.folder}")
     return 0
 

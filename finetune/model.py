@@ -53,6 +53,11 @@ class ModelSourceError(InputError):
     """A model folder or Hub id that cannot be loaded; the message names the option and the fix."""
 
 
+def adapter_base(adapter: str | Path) -> str | None:
+    """The base model an adapter folder records (PEFT's `base_model_name_or_path`), None if it records none."""
+    return json.loads((Path(adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+
+
 def model_config(name: str, what: str = "model"):
     """The config of a model folder or Hub id, read before any weight loads (`what` names the option)."""
     from transformers import AutoConfig

@@ -20,6 +20,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from finetune.private_apis import in_backward
+
 
 def moe_blocks(model: nn.Module) -> list[nn.Module]:
     """The sparse MoE blocks (anything with a `gate` router and fused `experts`)."""
@@ -43,7 +45,7 @@ class RouterTap:
 
     def _hook(self, module, args, output):
         # Gradient checkpointing re-runs forwards during backward; those repeats are not new routing.
-        if self.active and not _in_backward():
+        if self.active and not in_backward():
             self.logits.append(output[0] if isinstance(output, tuple) else output)
 
     @contextmanager
@@ -63,10 +65,6 @@ class RouterTap:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
-
-
-def _in_backward() -> bool:
-    return torch._C._current_graph_task_id() != -1
 
 
 def _text_config(model: nn.Module):
@@ -110,9 +108,8 @@ def policy_logits(tap: RouterTap) -> list[torch.Tensor]:
     return logits
 
 
-def router_losses(tap: RouterTap, attention_mask=None, logits=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(aux, z) for the logits collected since the last call (or the `logits` given)."""
-    logits = policy_logits(tap) if logits is None else logits
+def router_losses(tap: RouterTap, logits: list[torch.Tensor], attention_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(aux, z) for one forward's router logits (`policy_logits(tap)`), padding excluded."""
     return (
         load_balancing_loss(logits, tap.num_experts, tap.top_k, attention_mask),
         router_z_loss(logits, attention_mask),
@@ -169,4 +166,20 @@ def balance_stats(counts: torch.Tensor, dead_share: float = 0.01) -> dict[str, t
         "cv": counts.std(-1, unbiased=False) / mean.clamp(min=1e-12),
         "maxvio": counts.max(-1).values / mean.clamp(min=1e-12) - 1,
         "dead": (share < dead_share).sum(-1),
+    }
+
+
+def router_summary(counts: torch.Tensor, entropy: torch.Tensor) -> dict:
+    """The router health figures logged in training and reported by evaluation, from [layers, experts]
+    routed-token counts and per-layer mean routing entropy: the per-layer tensors of `balance_stats` and
+    `entropy`, and their summaries (`maxvio_mean`, `maxvio_max`, `cv_mean`, `entropy_mean`, `dead_experts`)."""
+    stats = balance_stats(counts)
+    return {
+        **stats,
+        "entropy": entropy,
+        "maxvio_mean": stats["maxvio"].mean().item(),
+        "maxvio_max": stats["maxvio"].max().item(),
+        "cv_mean": stats["cv"].mean().item(),
+        "entropy_mean": entropy.mean().item(),
+        "dead_experts": int(stats["dead"].sum()),
     }

@@ -20,8 +20,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.config import Recipe, RecipeError, load_recipe, parse_yaml
+from finetune.config import Recipe, RecipeError, load_recipe
 from finetune.errors import InputError
+from finetune.typed_yaml import parse_yaml
 
 GIB = 1024**3
 # Public configuration of Mixtral 8x7B, used when the Hub cannot be reached (the plan needs no weights).
@@ -150,7 +151,9 @@ def deepspeed_estimate(counts: Counts, gpus_per_node: int, nodes: int, stage: in
         )
         return cpu, gpu
     if stage == 2:
-        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+        from deepspeed.runtime.zero.stage_1_and_2 import (
+            estimate_zero2_model_states_mem_needs,
+        )
 
         return estimate_zero2_model_states_mem_needs(counts.total, gpus_per_node, nodes, cpu_offload=off_opt)
     return None

@@ -14,10 +14,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from finetune.errors import CheckFailed, InputError
+
 LARGE_FOLDER_BYTES = 20 * 1024**3
 
 
-class PushError(RuntimeError):
+class PushError(CheckFailed):
     """The upload did not complete; the local folder is untouched."""
 
 
@@ -32,9 +34,9 @@ def push(folder: str | Path, repo_id: str, private: bool = False, revision: str 
 
     folder = Path(folder)
     if not folder.is_dir() or not any(folder.iterdir()):
-        raise PushError(f"{folder}: not a folder with files to push")
+        raise InputError(f"{folder}: not a folder with files to push")
     if repo_id.count("/") != 1:
-        raise PushError(f"--repo-id must look like ORG/NAME, got {repo_id!r}")
+        raise InputError(f"--repo-id must look like ORG/NAME, got {repo_id!r}")
     api = HfApi()
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
@@ -63,11 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--revision", default=None, help="branch to push to (created if missing)")
     parser.add_argument("--include-checkpoints", action="store_true", help="also upload checkpoint-* folders")
     args = parser.parse_args(argv)
-    try:
-        url = push(args.folder, args.repo_id, args.private, args.revision, args.include_checkpoints)
-    except PushError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    url = push(args.folder, args.repo_id, args.private, args.revision, args.include_checkpoints)
     print(f"pushed {args.folder} to {url}")
     return 0
 

@@ -7,7 +7,6 @@ masks: the loss is over the assistant replies and their EOS, never the prompts o
 
 from __future__ import annotations
 
-import json
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from finetune.chat_format import IGNORE_INDEX, ChatEncoder, find_sentencepiece
-from finetune.moe import RouterTap, balance_stats, entropy_sums, expert_counts
+from finetune.model import ModelSourceError, adapter_base, model_config
+from finetune.moe import RouterTap, entropy_sums, expert_counts, router_summary
 
 PAD_ID = 0
 
@@ -43,15 +43,13 @@ def eval_device() -> torch.device:
 def check_loadable(path: str, base: str | None = None, what: str = "model") -> None:
     """Fail before any weight loads when `path` (a model, or an adapter on its base) cannot be loaded;
     `what` names the option in the message."""
-    from finetune.model import ModelSourceError, model_config
-
     adapter_config = Path(path) / "adapter_config.json"
     if not adapter_config.is_file():
         model_config(path, what)
         return
     if not (Path(path) / "adapter_model.safetensors").is_file():
         raise ModelSourceError(f"{what}={path}: an adapter folder without adapter_model.safetensors (unfinished?)")
-    recorded = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+    recorded = adapter_base(path)
     if base is None and not recorded:
         raise ModelSourceError(f"{what}={path}: the adapter records no base model; give one with --base")
     model_config(base or recorded, "--base" if base else f"{what}={path}: its recorded base model (or give --base)")
@@ -67,7 +65,7 @@ def load_for_eval(path: str, base: str | None = None) -> LoadedModel:
     if adapter_config.is_file():
         from peft import PeftModel
 
-        base = base or json.loads(adapter_config.read_text())["base_model_name_or_path"]
+        base = base or adapter_base(path)
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), path)
         tokenizer_home = path if (Path(path) / "tokenizer.model").is_file() else base
     else:
@@ -127,19 +125,9 @@ def heldout_loss(model: nn.Module, samples: list[dict], batch_size: int, progres
 
 
 def router_figures(counts: torch.Tensor, entropy: torch.Tensor) -> dict:
-    """Balance summaries and per-layer values from [layers, experts] routed-token counts."""
-    stats = balance_stats(counts)
-    return {
-        "maxvio_mean": stats["maxvio"].mean().item(),
-        "maxvio_max": stats["maxvio"].max().item(),
-        "cv_mean": stats["cv"].mean().item(),
-        "entropy_mean": entropy.mean().item(),
-        "dead_experts": int(stats["dead"].sum()),
-        "share": stats["share"].tolist(),
-        "maxvio": stats["maxvio"].tolist(),
-        "cv": stats["cv"].tolist(),
-        "entropy": entropy.tolist(),
-    }
+    """finetune.moe.router_summary as JSON-ready values (per-layer lists)."""
+    summary = router_summary(counts, entropy)
+    return {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in summary.items() if k != "dead"}
 
 
 @torch.no_grad()

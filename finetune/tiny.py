@@ -70,7 +70,11 @@ def pretraining_text(path: Path = DEFAULT_CORPUS) -> list[str]:
     return documents
 
 
-def pretrain(model, steps: int, seed: int, batch_size: int = 8, seq_len: int = 64, lr: float = 3e-3) -> float:
+PRETRAIN_BATCH, PRETRAIN_LENGTH = 8, 64  # sequences x tokens per pretraining step
+
+
+def pretrain(model, steps: int, seed: int, batch_size: int = PRETRAIN_BATCH, seq_len: int = PRETRAIN_LENGTH,
+             lr: float = 3e-3) -> float:
     """Full-parameter next-token training on packed documents; returns the last loss."""
     import torch
 

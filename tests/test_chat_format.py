@@ -8,7 +8,11 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from finetune.chat_format import IGNORE_INDEX, bundled_sentencepiece_path, save_tokenizer
+from finetune.chat_format import (
+    IGNORE_INDEX,
+    bundled_sentencepiece_path,
+    save_tokenizer,
+)
 
 N = 300
 SPECIAL_SPELLINGS = ("<s>", "</s>", "<unk>")

@@ -4,13 +4,18 @@ import json
 
 import pytest
 
+from finetune.chat_format import IGNORE_INDEX
 from finetune.config import DataConfig, DataSource
-from finetune.data import DataError, labelled_ids, prepare
+from finetune.data import DataError, prepare
 
 
 def write_jsonl(path, rows):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
+
+
+def labelled_ids(sample: dict) -> list[int]:
+    return [t for t, label in zip(sample["input_ids"], sample["labels"]) if label != IGNORE_INDEX]
 
 
 def chat(*turns, system=None):

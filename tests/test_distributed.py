@@ -75,11 +75,6 @@ def test_zero3_adapter_has_full_shapes_and_logs_router_loss(zero3_aux_on, tiny_m
     assert len(logs) == 3 and all(h["aux_loss"] > 0 for h in logs)
 
 
-def test_ranks_routed_to_different_experts_without_hanging(zero3_aux_on):
-    hits = [json.loads((zero3_aux_on / f"rank{r}.json").read_text())["experts_hit_first_step"] for r in (0, 1)]
-    assert hits[0] and hits[1] and hits[0] != hits[1]  # the run above finished all the same
-
-
 def test_zero3_matches_single_process_with_same_global_batch(tiny_model_dir, four_rows, tmp_path):
     from finetune.sft import main as sft_main
 

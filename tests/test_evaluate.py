@@ -11,9 +11,8 @@ from test_router_stats import independent_stats
 from test_sft import CONVERSATION, OTHER, batch_of
 
 from finetune.checkers import check_rule, exact_match
-from finetune.config import RecipeError
 from finetune.data import DataError
-from finetune.evaluate import instruction_rows, load_suite
+from finetune.evaluate import SuiteError, instruction_rows, load_suite
 from finetune.evaluate import main as evaluate_main
 from finetune.scoring import heldout_loss
 
@@ -63,11 +62,11 @@ def test_bundled_answers_follow_their_own_rules(repo_root):
 
 
 def test_suite_errors_name_the_key_or_row(tmp_path):
-    with pytest.raises(RecipeError, match="unknown key 'batch'"):
+    with pytest.raises(SuiteError, match="unknown key 'batch'"):
         _suite(tmp_path, "chat: data/chat/eval.jsonl\nbatch: 4")
-    with pytest.raises(RecipeError, match="chat: nowhere.jsonl does not exist"):
+    with pytest.raises(SuiteError, match="chat: nowhere.jsonl does not exist"):
         _suite(tmp_path, "chat: nowhere.jsonl")
-    with pytest.raises(RecipeError, match="nothing to evaluate"):
+    with pytest.raises(SuiteError, match="nothing to evaluate"):
         _suite(tmp_path, "batch_size: 4")
     rows = tmp_path / "rules.jsonl"
     rows.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}], "answer": "x",

@@ -7,10 +7,15 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model
 
 from finetune.config import RecipeError, load_recipe
-from finetune.expert_lora import use_routed_expert_lora, uses_routed_expert_lora
+from finetune.expert_lora import _routed_forward, use_routed_expert_lora
 from finetune.tiny import tiny_config
 
 EXPERT_PARAMS = ["experts.gate_up_proj", "experts.down_proj"]
+
+
+def uses_routed_expert_lora(model) -> bool:
+    """Whether any PEFT expert wrapper of `model` runs our routed forward."""
+    return any(getattr(m.forward, "__func__", None) is _routed_forward for m in model.modules())
 
 
 def moe_layer(hidden, intermediate, experts, top_k, dtype=torch.float32, seed=0):

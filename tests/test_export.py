@@ -7,10 +7,16 @@ import torch
 from conftest import tiny_overrides
 from safetensors import safe_open
 
+from finetune.cli import run_guarded
 from finetune.export import export, verify_merge
-from finetune.export import main as export_main
+from finetune.export import main as export_cli_main
 from finetune.sft import main as sft_main
 from finetune.tiny import checkpoint_keys, make_tiny_mixtral
+
+
+def export_main(argv):
+    """`python -m finetune.export ARGV` in this process: the exit code as the command line gives it."""
+    return run_guarded(export_cli_main, argv)
 
 
 @pytest.fixture(scope="module")

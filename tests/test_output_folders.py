@@ -9,11 +9,17 @@ from pathlib import Path
 import pytest
 from conftest import tiny_overrides
 
+from finetune.cli import run_guarded
 from finetune.config import RecipeError
-from finetune.export import main as export_main
+from finetune.export import main as export_cli_main
 from finetune.sft import main as sft_main
 
 FAULTS = Path(__file__).parent / "faults"
+
+
+def export_main(argv):
+    """`python -m finetune.export ARGV` in this process: the exit code as the command line gives it."""
+    return run_guarded(export_cli_main, argv)
 
 
 def digest(folder: Path) -> dict[str, str]:

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import tiny_overrides
 
+from finetune.arguments import trainer_args
 from finetune.config import load_recipe
-from finetune.runs import trainer_args
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted(
@@ -16,8 +16,20 @@ RECIPES = sorted(
 LOCAL_DATA = {"sft": "data/chat", "dpo": "data/preferences"}
 
 
-def test_all_recipes_are_covered():
-    assert {"recipes/sft.yaml", "recipes/dpo.yaml", "recipes/tiny/sft.yaml", "recipes/tiny/dpo.yaml"} <= set(RECIPES)
+def test_every_dpo_recipe_has_its_sft_recipe_and_every_launch_config_exists():
+    """What the build test below relies on: a DPO recipe is built from its SFT sibling's adapter, and a
+    recipe's `launch` (and that config's DeepSpeed file) exist."""
+    from finetune.typed_yaml import parse_yaml
+
+    kinds = {path: load_recipe(path).kind for path in RECIPES}
+    assert sorted(set(kinds.values())) == ["dpo", "sft"]
+    for path, kind in kinds.items():
+        if kind == "dpo":
+            assert kinds.get(path.replace("dpo", "sft")) == "sft", path
+        launch = load_recipe(path).launch
+        if launch:
+            deepspeed = (parse_yaml((ROOT / launch).read_text()).get("deepspeed_config") or {}).get("deepspeed_config_file")
+            assert deepspeed is None or (ROOT / deepspeed).is_file(), (path, deepspeed)
 
 
 @pytest.mark.parametrize("path", RECIPES)
@@ -47,12 +59,17 @@ def test_recipe_parses_and_builds(path, tiny_model_dir, tmp_path, repo_root, mon
         from finetune.dpo import build
     else:
         from finetune.sft import build
-    tiny = load_recipe(path, overrides, expect_kind=kind)
-    assert tiny.lora == recipe.lora and tiny.moe == recipe.moe  # the recipe's own method and MoE settings
-    trainer, _ = build(tiny)
+    trainer, _ = build(load_recipe(path, overrides, expect_kind=kind))
+    # The recipe's own method on the tiny model: exactly its groups train, at its rank.
+    from finetune.model import group_of
+
+    trained = {group_of(n) for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trained == set(recipe.lora.targets)
+    if recipe.lora.method == "lora":
+        assert trainer.model.peft_config["default"].r == recipe.lora.peft.get("r", 16)
     trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs and all(torch.isfinite(torch.tensor(h["loss"])) for h in logs)
 
 
 def test_wandb_without_login_fails_before_loading(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 
 from finetune.config import load_recipe
 from finetune.model import group_of
-from finetune.runs import save_outputs
+from finetune.saving import save_outputs
 from finetune.sft import build
 from finetune.sft import main as sft_main
 
@@ -130,7 +130,8 @@ def test_right_padding_changes_no_router_loss(tiny_model_dir, tmp_path):
         batch = batch_of(encoder, CONVERSATION, pad_to=pad_to)
         with torch.no_grad():
             losses[pad_to] = trainer.compute_loss(trainer.model, dict(batch))
-        aux, z = trainer._metrics["eval"]["aux_loss"][-1], trainer._metrics["eval"]["z_loss"][-1]
+        metrics = trainer.router_loss.metrics["eval"]
+        aux, z = metrics["aux_loss"][-1], metrics["z_loss"][-1]
         losses[pad_to] = (losses[pad_to].item(), aux, z)
     assert losses[None] == pytest.approx(losses[40], rel=1e-5)
     assert batch["input_ids"].shape[1] == 40 and batch["attention_mask"].sum() < 20
@@ -173,14 +174,15 @@ def test_gradient_accumulation_does_not_multiply_router_loss(tiny_model_dir, tmp
 
 @pytest.mark.parametrize("which", ["aux", "z"])
 def test_router_loss_alone_trains_the_router(tiny_model_dir, tmp_path, which):
-    from finetune.moe import router_losses
+    from finetune.moe import policy_logits, router_losses
 
     _, trainer, encoder = make_trainer(tiny_model_dir, tmp_path)
     model = trainer.model.train()
     batch = batch_of(encoder, CONVERSATION, OTHER)
     with trainer.router_loss.tap.capture():
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    aux, z = router_losses(trainer.router_loss.tap, batch["attention_mask"])
+    tap = trainer.router_loss.tap
+    aux, z = router_losses(tap, policy_logits(tap), batch["attention_mask"])
     (aux if which == "aux" else z).backward()
     routers = [p for n, p in model.named_parameters() if ".mlp.gate." in n and p.requires_grad]
     assert len(routers) == 2

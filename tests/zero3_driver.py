@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from finetune.config import load_recipe
 from finetune.checkpoints import resume_checkpoint
-from finetune.runs import save_outputs, write_recipe
+from finetune.config import load_recipe
+from finetune.saving import save_outputs, write_recipe
 
 
 def main():

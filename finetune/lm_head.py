@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune.chat_format import IGNORE_INDEX
+from finetune.private_apis import trl_uses_triton
 
 
 class SelectedLogits:
@@ -44,9 +45,7 @@ class SelectedLogits:
 
 
 def has_triton(device: torch.device) -> bool:
-    from trl.kernels.chunked_logprob import _use_triton
-
-    return _use_triton(device)
+    return trl_uses_triton(device)
 
 
 def use_compact_lm_head(model: nn.Module) -> bool:

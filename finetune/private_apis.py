@@ -1,0 +1,84 @@
+"""The private library APIs this package relies on, each named once with the reason, and checked.
+
+Only where nothing public does the job. `problems()` says which of them a pinned library release has
+changed (tests/test_private_apis.py runs it), so an upgrade fails with the API's name, not deep inside
+a training run. The method overrides (`_save`, `_prepare_dataset`, `_precompute_ref_logps`) live in
+finetune/dpo.py; the functions below are the only way the rest of the package reaches the others.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+# (what, why): the table the README points to.
+USED = {
+    "trl DPOTrainer._save(output_dir, state_dict)": "save the policy adapter only, not TRL's frozen `ref` copy "
+    "(Trainer.save_model, the public entry, gathers ZeRO-3 shards and then calls it)",
+    "trl DPOTrainer._prepare_dataset(dataset, processing_class, args, dataset_name)": "skip TRL's re-tokenization: "
+    "our ids are mistral_common's exactly, the transformers tokenizer's are not",
+    "trl DPOTrainer._precompute_ref_logps(dataset, name, batch_size)": "put the compact LM head in place before TRL "
+    "precomputes reference log-probs inside its __init__",
+    "trl trainer._total_train_tokens": "non-pad tokens seen on all ranks, for tokens/s in the log",
+    "trl.kernels.chunked_logprob._use_triton(device)": "whether TRL's fused LM head runs its Triton kernel; "
+    "elsewhere finetune/lm_head.py replaces the slow fallback",
+    "transformers.integrations.moe._grouped_mm(input, weight, offs)": "transformers' own choice between "
+    "torch's grouped_mm kernels (where they support the device and dtype) and its fallback",
+    "torch._C._current_graph_task_id()": "whether a forward is a gradient-checkpointing recompute inside backward, "
+    "so router logits are not collected twice",
+}
+
+
+def trl_uses_triton(device: torch.device) -> bool:
+    from trl.kernels.chunked_logprob import _use_triton
+
+    return _use_triton(device)
+
+
+def transformers_grouped_mm():
+    """transformers' grouped-mm dispatcher, or None where this transformers has none."""
+    try:
+        from transformers.integrations.moe import _grouped_mm
+    except ImportError:
+        return None
+    return _grouped_mm
+
+
+def in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+def problems() -> list[str]:
+    """One line per private API above that the installed libraries no longer provide as used."""
+    from trl import DPOTrainer, SFTTrainer
+
+    found = []
+    for method, parameters in (("_save", ["output_dir", "state_dict"]),
+                               ("_prepare_dataset", ["dataset", "processing_class", "args", "dataset_name"]),
+                               ("_precompute_ref_logps", ["dataset", "name", "batch_size"])):
+        function = getattr(DPOTrainer, method, None)
+        if function is None:
+            found.append(f"trl DPOTrainer.{method} is gone")
+        elif list(inspect.signature(function).parameters)[1:] != parameters:
+            found.append(f"trl DPOTrainer.{method} now takes {list(inspect.signature(function).parameters)[1:]}, "
+                         f"expected {parameters}")
+    for trainer in (SFTTrainer, DPOTrainer):
+        if "self._total_train_tokens" not in inspect.getsource(trainer):
+            found.append(f"trl {trainer.__name__} no longer keeps self._total_train_tokens")
+    try:
+        from trl.kernels.chunked_logprob import _use_triton
+
+        _use_triton(torch.device("cpu"))
+    except (ImportError, TypeError) as err:
+        found.append(f"trl.kernels.chunked_logprob._use_triton(device) failed: {err}")
+    grouped_mm = transformers_grouped_mm()
+    if grouped_mm is None:
+        found.append("transformers.integrations.moe._grouped_mm is gone (expert LoRA falls back to a Python loop)")
+    elif list(inspect.signature(grouped_mm).parameters) != ["input", "weight", "offs"]:
+        found.append(f"transformers' _grouped_mm now takes {list(inspect.signature(grouped_mm).parameters)}")
+    try:
+        in_backward()
+    except AttributeError:
+        found.append("torch._C._current_graph_task_id is gone")
+    return found

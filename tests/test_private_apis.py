@@ -1,0 +1,26 @@
+"""The private library APIs we rely on (finetune/private_apis.py) still exist as used in the pinned releases."""
+
+import torch
+
+from finetune.private_apis import USED, in_backward, problems, transformers_grouped_mm
+
+
+def test_every_private_api_is_still_there_as_used():
+    found = problems()
+    assert not found, "a pinned library changed a private API this package uses:\n" + "\n".join(found)
+
+
+def test_each_seam_still_does_its_job():
+    # The grouped-mm dispatcher multiplies each group of rows by its own matrix.
+    x, weight = torch.randn(5, 8), torch.randn(2, 8, 8)  # rows a multiple of 16 bytes, as the kernel needs
+    offsets = torch.tensor([2, 5], dtype=torch.int32)
+    expected = torch.cat([x[:2] @ weight[0], x[2:] @ weight[1]])
+    torch.testing.assert_close(transformers_grouped_mm()(x, weight, offsets), expected)
+    # The graph-task id tells a forward run inside backward (a checkpoint recompute) from a plain one.
+    seen = []
+    leaf = torch.ones(2, requires_grad=True)
+    hook = leaf.register_hook(lambda grad: seen.append(in_backward()) or grad)
+    (leaf * 2).sum().backward()
+    hook.remove()
+    assert seen == [True] and in_backward() is False
+    assert len(USED) == 7  # each named once, with its reason
