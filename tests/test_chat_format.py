@@ -143,3 +143,18 @@ def test_template_rejects_non_alternating_roles(hf_tokenizer):
     messages = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
     with pytest.raises(Exception, match="alternate"):
         hf_tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def test_hub_tokenizer_falls_back_to_the_bundled_one_only_offline_and_says_so(repo_root):
+    import os
+    import subprocess
+    import sys
+
+    code = ("import warnings; warnings.simplefilter('always')\n"
+            "from finetune.chat_format import bundled_sentencepiece_path, find_sentencepiece\n"
+            "print(find_sentencepiece('mistralai/Mixtral-8x7B-v0.1') == bundled_sentencepiece_path())")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "True"
+    assert "cannot fetch tokenizer.model of mistralai/Mixtral-8x7B-v0.1 (LocalEntryNotFoundError)" in proc.stderr
