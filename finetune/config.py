@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from finetune.errors import InputError
-from finetune.redaction import is_secret_key, redact
+from finetune.redaction import is_secret_key, redact, secret_values
 from finetune.typed_yaml import (
     build_dataclass,
     describe,
@@ -200,7 +200,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), expect_kind: str | 
     raw = read_yaml_mapping(path, overrides, "recipe", RecipeError)
     if "source" in raw:
         raise RecipeError(f"{path}: unknown key 'source'")
-    _refuse_secret_values(raw, path, "")
+    _refuse_secret_values(raw, path, "", secret_values())
     raw["source"] = str(path)
     collect = {LoraSection: ("peft", _lora_fields)}
     recipe = build_dataclass(Recipe, raw, str(path), "", RecipeError, collect)
@@ -212,15 +212,15 @@ def load_recipe(path: str | Path, overrides: list[str] = (), expect_kind: str | 
     return recipe
 
 
-def _refuse_secret_values(node: Any, path: Path, key: str) -> None:
+def _refuse_secret_values(node: Any, path: Path, key: str, secrets: list[str]) -> None:
     """A value that is (or holds) a token would be copied into every output: refuse it, naming the key."""
     if isinstance(node, dict):
         for k, v in node.items():
-            _refuse_secret_values(v, path, f"{key}.{k}" if key else str(k))
+            _refuse_secret_values(v, path, f"{key}.{k}" if key else str(k), secrets)
     elif isinstance(node, list):
         for i, v in enumerate(node):
-            _refuse_secret_values(v, path, f"{key}[{i}]")
-    elif isinstance(node, str) and redact(node) != node:
+            _refuse_secret_values(v, path, f"{key}[{i}]", secrets)
+    elif isinstance(node, str) and redact(node, secrets) != node:
         raise RecipeError(f"{path}: {key} holds what looks like a secret (a Hub token, or the value of HF_TOKEN / "
                           f"WANDB_API_KEY); {SECRET_FIX}")
 

@@ -33,7 +33,8 @@ def secret_values() -> list[str]:
     return [v for v in values if len(v) >= 8]  # a short value would blank ordinary words
 
 
-def redact(text: str) -> str:
-    for value in secret_values():
+def redact(text: str, secrets: list[str] | None = None) -> str:
+    """`text` with every secret blanked; `secrets`: `secret_values()` when the caller already has them."""
+    for value in secret_values() if secrets is None else secrets:
         text = text.replace(value, REDACTED)
     return HUB_TOKEN_SHAPE.sub(REDACTED, text)
