@@ -65,9 +65,10 @@ def check_run_folder(recipe: Recipe) -> None:
         raise RecipeError(f"{src}: output_dir={out} is a file, not a folder")
     if not out.is_dir() or not any(out.iterdir()):
         return
-    if recipe.resume == "never" and checkpoints(out):
+    earlier = sorted(p.name for p in checkpoints(out))
+    if recipe.resume == "never" and earlier:
         raise RecipeError(f"{src}: resume=never, but output_dir={out} holds checkpoints of an earlier run "
-                          f"({', '.join(sorted(p.name for p in checkpoints(out)))}) that a later resume=auto would "
+                          f"({', '.join(earlier)}) that a later resume=auto would "
                           "pick up; use resume=restart to delete them and start over, or a new output_dir")
     if not (out / RECIPE_FILE).is_file():
         raise RecipeError(f"{src}: output_dir={out} is not empty ({listing(out)}) and holds no run of this toolkit "

@@ -95,8 +95,8 @@ def staged(out: str | Path) -> Iterator[Path]:
 def _clear_stale(partial: Path, out: Path) -> None:
     if not partial.exists():
         return
-    owner = partial / OWNER_FILE
-    pid = int(owner.read_text()) if owner.is_file() and owner.read_text().strip().isdigit() else None
+    owner = (partial / OWNER_FILE).read_text().strip() if (partial / OWNER_FILE).is_file() else ""
+    pid = int(owner) if owner.isdigit() else None
     if pid is not None and pid != os.getpid() and _alive(pid):
         raise OutputError(f"{out}: process {pid} is writing it right now ({partial}); wait for it or stop it")
     print(f"removing {partial}, left unfinished by an earlier run that was stopped")

@@ -59,6 +59,7 @@ def load_for_eval(path: str, base: str | None = None) -> LoadedModel:
     """A model folder / Hub id, or an adapter folder loaded on its recorded base (or `base`)."""
     from transformers import AutoModelForCausalLM
 
+    check_loadable(path, base)
     device = eval_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     adapter_config = Path(path) / "adapter_config.json"
@@ -69,8 +70,6 @@ def load_for_eval(path: str, base: str | None = None) -> LoadedModel:
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), path)
         tokenizer_home = path if (Path(path) / "tokenizer.model").is_file() else base
     else:
-        if not Path(path).exists() and path.count("/") != 1:
-            raise FileNotFoundError(f"{path}: no such model or adapter folder (nor a Hub id org/name)")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         base, tokenizer_home = None, path
     return LoadedModel(model.to(device).eval(), ChatEncoder(find_sentencepiece(tokenizer_home)), path, base)
