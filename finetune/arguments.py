@@ -37,6 +37,10 @@ def trainer_args(recipe: Recipe):
         kwargs.setdefault("eval_on_start", True)  # the starting eval loss, to compare against
     if recipe.kind == "sft":
         kwargs["packing"] = recipe.data.packing
+        if not recipe.data.packing:
+            # The data is tokenized, labelled and within max_length already (finetune/data_cache.py); TRL's
+            # preparation would copy every token once more per process, to truncate nothing.
+            kwargs["dataset_kwargs"] = {"skip_prepare_dataset": True}
     if not torch.cuda.is_available():
         kwargs["use_cpu"] = True
     check_wandb_login(recipe, kwargs.get("report_to"))

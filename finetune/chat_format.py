@@ -102,6 +102,11 @@ class Sample:
     labels: list[int]
 
 
+ENCODER_VERSION = 1
+"""Bump when the ids or labels this module gives for a conversation change: it keys the tokenized-data cache
+(finetune/data_cache.py), so a cache built by an older encoder is never reused."""
+
+
 class ChatEncoder:
     """Conversation -> token ids and labels, exactly as Mixtral-Instruct (mistral_common v1)."""
 
@@ -115,6 +120,9 @@ class ChatEncoder:
         # Mistral's vocabulary has no pad piece; <unk> (0) is never produced for text thanks to byte
         # fallback, and pad must not be EOS or a collator that masks pads stops teaching EOS.
         self.pad_id = self.sp.unk_id()
+
+    def __reduce__(self):  # rebuilt from its file in the processes that tokenize (datasets' map)
+        return ChatEncoder, (self.path,)
 
     @property
     def vocab_size(self) -> int:

@@ -18,7 +18,8 @@ import sys
 
 from finetune.chat_format import IGNORE_INDEX, ChatEncoder, encoder_for
 from finetune.config import Recipe, load_recipe
-from finetune.data import Prepared, bad_rows_message, prepare, sample_lengths
+from finetune.data import bad_rows_message
+from finetune.data_cache import Prepared, column, prepare
 
 MARK_OPEN, MARK_CLOSE = "⟦", "⟧"
 
@@ -63,19 +64,22 @@ def report(recipe: Recipe, encoder: ChatEncoder, prepared: Prepared) -> str:
         f"model      {recipe.model}",
         f"tokenizer  {encoder.path} ({encoder.vocab_size} pieces, bos {encoder.bos_id}, eos {encoder.eos_id}, "
         f"pad {encoder.pad_id})",
-        f"rows       {prepared.rows_read} read, {len(prepared.train)} train samples, {len(prepared.eval)} eval samples",
+        f"rows       {prepared.rows_read} read, {len(prepared.train)} train samples, "
+        f"{len(prepared.eval) if prepared.eval is not None else 0} eval samples",
+        f"data cache {prepared.folder} ({'opened' if prepared.cache_hit else 'tokenized and saved'} "
+        f"in {prepared.seconds:.2f} s)",
     ]
     too_long = prepared.skipped_by_reason().get("too long", 0)
     lines.append(f"max_length {data.max_length} tokens: {too_long} sample(s) exceed it")
     if prepared.bad_rows:
         lines.append(f"skipped    {len(prepared.bad_rows)} bad row(s) (data.on_bad_rows=skip)")
         lines += ["  " + line for line in bad_rows_message(prepared.bad_rows, with_fix=False).splitlines()]
-    train_lengths = sample_lengths(prepared.train)
+    train_lengths = prepared.lengths("train")
     lines.append(f"lengths    train: {length_stats(train_lengths)}")
-    if prepared.eval:
-        lines.append(f"           eval:  {length_stats(sample_lengths(prepared.eval))}")
+    if prepared.eval is not None:
+        lines.append(f"           eval:  {length_stats(prepared.lengths('eval'))}")
     if recipe.kind == "sft":
-        trained = sum(sum(1 for t in s["labels"] if t != IGNORE_INDEX) for s in prepared.train)
+        trained = sum(column(prepared.train, "num_trained"))
         lines.append(
             f"tokens     {sum(train_lengths)} per epoch, {trained} of them trained "
             f"({100 * trained / max(1, sum(train_lengths)):.1f}% assistant tokens)"
@@ -84,7 +88,8 @@ def report(recipe: Recipe, encoder: ChatEncoder, prepared: Prepared) -> str:
             rows = _packed_rows(train_lengths, data.max_length)
             lines.append(f"packing    {len(train_lengths)} samples -> {rows} rows of <= {data.max_length} tokens")
         first = prepared.train[0]
-        lines += ["", "first training sample (trained tokens inside ⟦ ⟧):", render_sample(encoder, **first)]
+        lines += ["", "first training sample (trained tokens inside ⟦ ⟧):",
+                  render_sample(encoder, first["input_ids"], first["labels"])]
     else:
         first = prepared.train[0]
         prompt = first["prompt_ids"]

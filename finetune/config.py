@@ -73,6 +73,12 @@ class DataConfig:
     """Pack several samples into one row of `max_length` tokens (SFT only)."""
     seed: int = 0
     """Seed for mixing, sub-sampling and the eval split."""
+    cache_dir: str | None = None
+    """Where tokenized data is kept (Arrow, memory-mapped by every rank), so a rerun, a resume or a second
+    process reads it instead of tokenizing again. Default: `$MIXTRAL_FINETUNE_CACHE`, else
+    `~/.cache/mixtral-finetune/data`. Use a folder every process of a node can read."""
+    num_proc: int | None = None
+    """Processes that tokenize (datasets' `map`). Default: one per 2000 rows, at most 8 and the CPU count."""
 
 
 @dataclass
@@ -286,6 +292,8 @@ def validate(recipe: Recipe) -> None:
                 raise RecipeError(f"{src}: data.{group}[{i}].weight must be > 0, got {s.weight}")
     if not 0 <= data.eval_fraction < 1:
         raise RecipeError(f"{src}: data.eval_fraction must be in [0, 1), got {data.eval_fraction}")
+    if data.num_proc is not None and data.num_proc < 1:
+        raise RecipeError(f"{src}: data.num_proc must be >= 1 (or left out for automatic), got {data.num_proc}")
     if data.max_length < 8:
         raise RecipeError(f"{src}: data.max_length must be at least 8 tokens, got {data.max_length}")
     if data.packing and recipe.kind == "dpo":

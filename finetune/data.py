@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import codecs
 import json
-import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from finetune.chat_format import ChatEncoder
-from finetune.config import DataConfig, DataSource
+from finetune.config import DataSource
 from finetune.errors import InputError
 
 LOCAL_SUFFIXES = {".jsonl", ".json", ".parquet"}
@@ -39,19 +38,6 @@ class BadRow:
     where: str
     """`file:line` for JSON lines, `file:row N` otherwise (1-based), `hub-name[split]:row N` (0-based)."""
     reason: str
-
-
-@dataclass
-class Prepared:
-    """What the trainers get, and the numbers the pre-flight check prints."""
-
-    train: list[dict]
-    eval: list[dict]
-    bad_rows: list[BadRow] = field(default_factory=list)
-    rows_read: int = 0
-
-    def skipped_by_reason(self) -> Counter:
-        return Counter(_reason_kind(b.reason) for b in self.bad_rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,7 +250,8 @@ def encode_preference_row(row: Any, encoder: ChatEncoder, max_length: int) -> tu
 
 
 def encode_source(source: DataSource, kind: str, encoder: ChatEncoder, max_length: int, progress: bool = True):
-    """(samples, bad rows, rows read) for one source."""
+    """(samples, bad rows, rows read) for one small source, as Python lists (evaluation sets; training data
+    goes through finetune/data_cache.py, which never holds a dataset's tokens in lists)."""
     from tqdm.auto import tqdm
 
     encode = encode_preference_row if kind == "dpo" else encode_chat_row
@@ -283,49 +270,14 @@ def encode_source(source: DataSource, kind: str, encoder: ChatEncoder, max_lengt
     return samples, bad, read
 
 
-def apply_weight(samples: list[dict], weight: float, rng: random.Random) -> list[dict]:
-    """round(weight * n) rows: whole repeats, then a seeded subset for the fractional part."""
-    target = round(weight * len(samples))
-    whole, rest = divmod(target, len(samples)) if samples else (0, 0)
-    return samples * whole + rng.sample(samples, rest)
-
-
-def prepare(data: DataConfig, kind: str, encoder: ChatEncoder, progress: bool = True) -> Prepared:
-    """Read, validate, encode, mix and split. Raises DataError on bad rows unless told to skip them."""
-    rng = random.Random(data.seed)
-    prepared = Prepared(train=[], eval=[])
-    for source in data.train:
-        samples, bad, read = encode_source(source, kind, encoder, data.max_length, progress)
-        prepared.bad_rows += bad
-        prepared.rows_read += read
-        if not data.eval and data.eval_fraction > 0 and samples:
-            # Split each source before weighting, so repeated rows never land on both sides.
-            shuffled = rng.sample(samples, len(samples))
-            n_eval = max(1, round(data.eval_fraction * len(samples)))
-            prepared.eval += shuffled[:n_eval]
-            samples = shuffled[n_eval:]
-        prepared.train += apply_weight(samples, source.weight, rng)
-    for source in data.eval:
-        samples, bad, read = encode_source(source, kind, encoder, data.max_length, progress)
-        prepared.bad_rows += bad
-        prepared.rows_read += read
-        prepared.eval += apply_weight(samples, source.weight, rng)
-    rng.shuffle(prepared.train)
-    if prepared.bad_rows and data.on_bad_rows == "error":
-        raise DataError(bad_rows_message(prepared.bad_rows))
-    if not prepared.train:
-        raise DataError("no usable training rows" + (f": {bad_rows_message(prepared.bad_rows)}" if prepared.bad_rows else ""))
-    return prepared
-
-
-def _reason_kind(reason: str) -> str:
+def reason_kind(reason: str) -> str:
     """Group reasons for counting: 'too long: 812 tokens > ...' -> 'too long'."""
     return reason.split(":")[0].split(" (")[0]
 
 
 def bad_rows_message(bad_rows: list[BadRow], limit: int = 10, with_fix: bool = True) -> str:
     """The first `limit` bad rows, the counts per reason and (`with_fix`) how to go on."""
-    counts = Counter(_reason_kind(b.reason) for b in bad_rows)
+    counts = Counter(reason_kind(b.reason) for b in bad_rows)
     lines = [f"{len(bad_rows)} bad row(s):"]
     lines += [f"  {b.where}: {b.reason}" for b in bad_rows[:limit]]
     if len(bad_rows) > limit:
@@ -334,9 +286,3 @@ def bad_rows_message(bad_rows: list[BadRow], limit: int = 10, with_fix: bool = T
     if with_fix:
         lines.append("Fix the rows, or set data.on_bad_rows=skip to drop them.")
     return "\n".join(lines)
-
-
-def sample_lengths(samples: list[dict]) -> list[int]:
-    if samples and "input_ids" in samples[0]:
-        return [len(s["input_ids"]) for s in samples]
-    return [len(s["prompt_ids"]) + max(len(s["chosen_ids"]), len(s["rejected_ids"])) for s in samples]

@@ -11,8 +11,9 @@ layout (a base saved with fused experts is split), and freed. Adapter tensors ar
 layer's expert factors once while its shard is written. Peak memory is about one shard plus one layer's
 expert factors.
 
-Then the export checks itself (unless --no-verify): the merged model and base + adapters (PEFT) give the
-same logits on a few prompts. Everything is written into a hidden `.OUT.partial` folder that becomes
+Then the export checks itself (unless --no-verify): the merged model and base + adapters (applied by PEFT)
+give the same logits on a few prompts, computed one decoder layer at a time (finetune/merge_check.py), so
+the check holds about one layer in memory, not two whole models. Everything is written into a hidden `.OUT.partial` folder that becomes
 `--out` only once the verification passed (finetune/output_folder.py): a failure or a kill leaves no
 `--out`. `--out` must not be, hold or lie inside the base or an adapter, and an existing non-empty
 `--out` is replaced only with `--overwrite`.
@@ -30,14 +31,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from finetune.card import merged_card
 from finetune.errors import CheckFailed, InputError
+from finetune.merge_check import max_logit_difference
 from finetune.model import adapter_base
 from finetune.output_folder import check_output, staged
+from finetune.safetensors_files import (
+    CheckpointFiles,
+    SafetensorsFile,
+    allocate_large_tensors_with_mmap,
+)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "chat_template.jinja",
                    "special_tokens_map.json")
@@ -83,7 +89,7 @@ class Adapter:
         weights = self.folder / "adapter_model.safetensors"
         if not weights.is_file():
             raise ExportError(f"{self.folder}: no adapter_model.safetensors (an unfinished or non-safetensors adapter)")
-        self._file = safe_open(str(weights), "pt")
+        self._file = SafetensorsFile(weights)
         keys = set(self._file.keys())
         prefix = "base_model.model."
         self.attention: dict[str, tuple[str, str]] = {}  # base weight key -> (A key, B key)
@@ -94,7 +100,7 @@ class Adapter:
             if name.endswith("lora_A.weight"):
                 b_key = key.replace("lora_A.weight", "lora_B.weight")
                 stem = name[: -len("lora_A.weight")]
-                a_shape, b_shape = self._file.get_slice(key).get_shape(), self._file.get_slice(b_key).get_shape()
+                a_shape, b_shape = self._file.shape(key), self._file.shape(b_key)
                 layer = re.search(r"layers\.(\d+)\.", name)
                 if ".mlp.experts." in name:
                     if a_shape[1] == hidden and b_shape[0] == 2 * intermediate:
@@ -109,7 +115,7 @@ class Adapter:
                 self.routers[int(re.search(r"layers\.(\d+)\.", name).group(1))] = key
 
     def tensor(self, key: str) -> torch.Tensor:
-        return self._file.get_tensor(key).float()
+        return self._file.get(key).float()
 
     @functools.lru_cache(maxsize=2)  # a layer's gate_up and down factors, while its shard is written
     def expert_factors(self, layer: int, which: str) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -192,11 +198,12 @@ def base_files(base: str) -> Path:
 
 
 def export(adapters: list[str], out: str | Path, base: str | None = None, dtype: str | None = None,
-           progress: bool = True, overwrite: bool = False, verify: bool = False,
+           progress: bool = True, overwrite: bool = False, verify: bool = True,
            prompts: list[list[int]] | None = None, tolerance: float | None = None) -> Exported:
     """Merge `adapters` (in order) into the base and write `out`; with `verify`, only if the merged model
     reproduces base + adapters within `tolerance` (default 1e-3, 0.1 for bf16/fp16)."""
     out = Path(out)
+    allocate_large_tensors_with_mmap()  # one shard or layer resident at a time, not a fragmented heap of them
     for adapter in adapters:
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise ExportError(f"{adapter}: no adapter_config.json (not a PEFT adapter folder)")
@@ -218,7 +225,7 @@ def export(adapters: list[str], out: str | Path, base: str | None = None, dtype:
 
                 encoder = ChatEncoder(find_sentencepiece(str(folder)))
                 prompts = [encoder.encode_prompt([{"role": "user", "content": text}]) for text in VERIFY_PROMPTS]
-            difference = verify_merge(folder, adapters, str(base_dir), prompts)
+            difference = max_logit_difference(folder, base_dir, adapters, prompts, progress)
             if tolerance is None:
                 tolerance = 0.1 if dtype in ("bf16", "fp16") else 1e-3
             print(f"verification: max |logit difference| merged vs base + adapters = {difference:.2e} "
@@ -236,27 +243,23 @@ def write_merged(folder: Path, base_dir: Path, config: dict, adapters: list[Adap
                  progress: bool) -> None:
     """Merged shards, index, config, generation config and tokenizer files into `folder`."""
     intermediate = config["intermediate_size"]
-    index_file = base_dir / "model.safetensors.index.json"
-    shards = sorted(set(json.loads(index_file.read_text())["weight_map"].values())) if index_file.is_file() else [
-        "model.safetensors"
-    ]
+    checkpoint = CheckpointFiles(base_dir)
     target = DTYPES[dtype] if dtype else None
     total_size, weight_map = 0, {}
-    for shard in tqdm(shards, desc="merging shards", unit=" shard", disable=not progress):
-        tensors = {}
-        with safe_open(str(base_dir / shard), "pt") as f:
-            for base_key in f.keys():
-                original_dtype = f.get_slice(base_key).get_dtype()
-                cast = target or getattr(torch, {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[original_dtype])
-                for key, tensor in original_layout(base_key, f.get_tensor(base_key), adapters, intermediate):
-                    tensors[key] = tensor.to(cast).contiguous()
-                    total_size += tensors[key].numel() * tensors[key].element_size()
-                    weight_map[key] = shard
+    for shard in tqdm(checkpoint.shards, desc="merging shards", unit=" shard", disable=not progress):
+        tensors, source = {}, checkpoint.file(shard)
+        for base_key in source.keys():
+            base_tensor = source.get(base_key)
+            for key, tensor in original_layout(base_key, base_tensor, adapters, intermediate):
+                tensors[key] = tensor.to(target or base_tensor.dtype).contiguous()
+                total_size += tensors[key].numel() * tensors[key].element_size()
+                weight_map[key] = shard
+            del base_tensor
         save_file(tensors, str(folder / shard), metadata={"format": "pt"})
         del tensors
-    if index_file.is_file():
+    if checkpoint.has_index:
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-        (folder / index_file.name).write_text(json.dumps(index, indent=2) + "\n")
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     config = dict(config)
     if dtype:
         config["torch_dtype"] = config["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
@@ -270,27 +273,6 @@ def write_merged(folder: Path, base_dir: Path, config: dict, adapters: list[Adap
             shutil.copy(tokenizer_source / name, folder)
 
 
-def verify_merge(out: Path, adapters: list[str], base: str, prompts: list[list[int]]) -> float:
-    """Max |logit difference| between the merged model and base + adapters applied by PEFT."""
-    if not adapters:
-        raise ExportError("nothing to verify: no adapters")
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    reference = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    for adapter in adapters[:-1]:
-        reference = PeftModel.from_pretrained(reference, adapter).merge_and_unload()
-    # The last adapter stays unmerged: PEFT applies it at run time, independently of any merge code.
-    reference = PeftModel.from_pretrained(reference, adapters[-1])
-    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    worst = 0.0
-    with torch.no_grad():
-        for ids in prompts:
-            x = torch.tensor([ids])
-            worst = max(worst, (merged(input_ids=x).logits - reference.eval()(input_ids=x).logits).abs().max().item())
-    return worst
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m finetune.export", description=__doc__.split("\n")[0])
     parser.add_argument("adapters", nargs="+", help="adapter folders, merged in this order")
@@ -298,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is verified")
     parser.add_argument("--base", default=None, help="base model (default: the first adapter's recorded base)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the base's dtypes")
-    parser.add_argument("--no-verify", action="store_true", help="skip the logits check (it loads two models)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the layer-by-layer logits check")
     parser.add_argument("--tolerance", type=float, default=None, help="max |logit diff| (default 1e-3, bf16/fp16 0.1)")
     args = parser.parse_args(argv)
     exported = export(args.adapters, args.out, args.base, args.dtype, overwrite=args.overwrite,

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from finetune.config import Recipe, RecipeError, load_recipe
 from finetune.errors import InputError
@@ -44,10 +47,43 @@ class Counts:
     largest_block: int  # parameters of the largest sparse MoE block (gathered as one ZeRO-3 leaf)
 
 
+@dataclass(frozen=True)
+class Setup:
+    """Everything the plan varies: where the recipe runs and the recipe values that set its memory."""
+
+    gpus: int
+    """GPUs (or CPU processes) per node."""
+    nodes: int
+    stage: int
+    """DeepSpeed ZeRO stage (0 = plain data parallel)."""
+    offload_optimizer: bool
+    offload_parameters: bool
+    max_length: int
+    """data.max_length: the longest micro-batch row the activations must hold."""
+    micro_batch: int
+    """train.per_device_train_batch_size"""
+    accumulation: int
+    """train.gradient_accumulation_steps"""
+    max_live_parameters: float = 1e9
+    """DeepSpeed's stage3_max_live_parameters (its default 1e9)."""
+    max_reuse_distance: float = 1e9
+    """DeepSpeed's stage3_max_reuse_distance: a gathered parameter used again within this many parameters is
+    kept gathered. Under gradient checkpointing a model smaller than this keeps every parameter gathered."""
+
+    @property
+    def world(self) -> int:
+        return self.gpus * self.nodes
+
+
 @dataclass
 class Plan:
     rows: list[tuple[str, float]] = field(default_factory=list)  # (what, bytes per device)
     cpu_bytes_per_node: float = 0.0
+    checkpoint_bytes: float = 0.0
+    """ZeRO-3 only: transformers reads every checkpoint value on rank 0 while loading (the other ranks get
+    shapes), so rank 0 maps the whole checkpoint: CPU page cache, released once the model is built."""
+    loading_bytes: float = 0.0
+    """--device cpu with ZeRO-3: rank 0's resident memory while loading (runtime + its shard + the checkpoint)."""
 
     @property
     def total(self) -> float:
@@ -86,9 +122,10 @@ def count_parameters(recipe: Recipe, config) -> Counts:
     return Counts(sum(total.values()), sum(trainable.values()), largest)
 
 
-def zero_settings(recipe: Recipe, zero: int | None, offload: bool | None) -> tuple[int, bool, bool]:
-    """(stage, offload optimizer, offload parameters) from the flags, else the recipe's launch config."""
-    stage, off_opt, off_param = 0, False, False
+def zero_settings(recipe: Recipe, zero: int | None, offload: bool | None) -> tuple[int, bool, bool, dict]:
+    """(stage, offload optimizer, offload parameters, the rest of `zero_optimization`) from the flags, else
+    the recipe's launch config."""
+    stage, off_opt, off_param, ds = 0, False, False, {}
     if recipe.launch:
         launch = parse_yaml(Path(recipe.launch).read_text()) or {}
         ds_file = (launch.get("deepspeed_config") or {}).get("deepspeed_config_file")
@@ -101,12 +138,27 @@ def zero_settings(recipe: Recipe, zero: int | None, offload: bool | None) -> tup
         stage = zero
     if offload is not None:  # DeepSpeed offloads optimizer state from ZeRO-1 on, parameters only with ZeRO-3
         off_opt, off_param = offload and stage >= 1, offload and stage == 3
-    return stage, off_opt, off_param
+    return stage, off_opt, off_param, ds
 
 
-def estimate(recipe: Recipe, config, counts: Counts, world: int, nodes: int, stage: int, off_opt: bool,
-             off_param: bool, device: str) -> Plan:
+def runtime_bytes() -> float:
+    """A CPU training process before any weight: this process's resident memory with the training libraries
+    imported. (Not ru_maxrss: Linux keeps it across exec, so a plan started from a large process would
+    report its parent's peak.)"""
+    import datasets  # noqa: F401  the libraries a training process holds
+    import deepspeed  # noqa: F401
+    import trl  # noqa: F401
+
+    statm = Path("/proc/self/statm")
+    if statm.is_file():
+        return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def estimate(recipe: Recipe, config, counts: Counts, setup: Setup, device: str) -> Plan:
     gpu = device == "gpu"
+    world, nodes, stage = setup.world, setup.nodes, setup.stage
+    off_opt, off_param = setup.offload_optimizer, setup.offload_parameters
     weight_bytes = 2 if gpu else 4  # bf16 on GPUs; the CPU trains in fp32
     state_bytes = 16 if gpu else 12  # per trained parameter: fp32 master, fp32 grads, Adam m and v (CPU: no master)
     plan = Plan()
@@ -116,21 +168,30 @@ def estimate(recipe: Recipe, config, counts: Counts, world: int, nodes: int, sta
     states = 0 if off_opt else counts.trainable * state_bytes / (world if stage >= 1 else 1)
     how = f"{counts.trainable:,} params" + (f", sharded /{world}" if stage >= 1 else "") + (", offloaded" if off_opt else "")
     plan.rows.append((f"trained: grads, master, Adam ({how})", states))
-    if stage == 3:
+    if stage == 3 and not off_param and setup.max_reuse_distance >= counts.total:
+        kept = min(counts.total, max(setup.max_live_parameters, 2 * counts.largest_block))
+        plan.rows.append((f"ZeRO-3 gathered, kept for reuse ({kept / 1e6:,.0f} M params)", kept * weight_bytes))
+    elif stage == 3:
         plan.rows.append(("ZeRO-3 gather: one MoE block + prefetch", 2 * counts.largest_block * weight_bytes))
-    plan.rows.append(("activations (estimate, checkpointed)", activation_bytes(recipe, config, weight_bytes)))
-    runtime = GPU_RUNTIME_BYTES if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    plan.rows.append(("activations (estimate, checkpointed)", activation_bytes(recipe, config, setup, weight_bytes)))
+    runtime = GPU_RUNTIME_BYTES if gpu else runtime_bytes()
     plan.rows.append(("runtime (CUDA context, buffers)" if gpu else "runtime (interpreter and libraries)", runtime))
     plan.cpu_bytes_per_node = ((counts.total * weight_bytes if off_param else 0)
                                + (counts.trainable * state_bytes if off_opt else 0)) / nodes
+    if stage == 3:
+        dtype = getattr(config, "dtype", None) or torch.bfloat16
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        plan.checkpoint_bytes = counts.total * dtype.itemsize
+        if not gpu:
+            plan.loading_bytes = runtime + weights + plan.checkpoint_bytes
     return plan
 
 
-def activation_bytes(recipe: Recipe, config, weight_bytes: int) -> float:
+def activation_bytes(recipe: Recipe, config, setup: Setup, weight_bytes: int) -> float:
     """Per device, one micro-batch of max_length tokens under gradient checkpointing: the saved input of
     every layer, one layer recomputed (attention and the routed expert MLPs), and the LM head rows."""
-    batch = recipe.train.get("per_device_train_batch_size", 8) * (2 if recipe.kind == "dpo" else 1)
-    tokens = batch * recipe.data.max_length
+    batch = setup.micro_batch * (2 if recipe.kind == "dpo" else 1)
+    tokens = batch * setup.max_length
     hidden, layers = config.hidden_size, config.num_hidden_layers
     checkpoints = layers * tokens * hidden * weight_bytes
     attention = tokens * hidden * 8 * weight_bytes
@@ -159,16 +220,13 @@ def deepspeed_estimate(counts: Counts, gpus_per_node: int, nodes: int, stage: in
     return None
 
 
-def render(recipe, source, counts, plan, args, stage, off_opt, off_param, ds) -> str:
+def render(recipe, source, counts, plan, args, setup: Setup, ds) -> str:
     device_word = "GPU" if args.device == "gpu" else "process"
     lines = [
         f"memory plan for {recipe.source} ({recipe.model}; {source})",
         f"parameters: {(counts.total - counts.trainable) / 1e9:.3f} B frozen, {counts.trainable / 1e6:.2f} M trainable "
         f"({recipe.lora.method} on {', '.join(recipe.lora.targets)})",
-        f"setup: {args.nodes} node(s) x {args.gpus} {device_word}(s), "
-        + (f"DeepSpeed ZeRO-{stage}" if stage else "no ZeRO")
-        + (", optimizer offloaded" if off_opt else "") + (", parameters offloaded" if off_param else "")
-        + f", micro-batch {recipe.train.get('per_device_train_batch_size', 8)} x {recipe.data.max_length} tokens",
+        f"setup: {describe(setup, device_word)}",
         "",
         f"per {device_word:<60} GiB",
     ]
@@ -180,6 +238,12 @@ def render(recipe, source, counts, plan, args, stage, off_opt, off_param, ds) ->
                      f"({100 * plan.total / (args.gpu_memory * GIB):.0f}% used)")
     if plan.cpu_bytes_per_node:
         lines.append(f"CPU memory per node for offloaded states: {plan.cpu_bytes_per_node / GIB:.2f} GiB")
+    if plan.loading_bytes:
+        lines.append(f"while loading, rank 0: {plan.loading_bytes / GIB:.2f} GiB per process (it maps the whole "
+                     f"{plan.checkpoint_bytes / GIB:.2f} GiB checkpoint: transformers reads every value on rank 0 under ZeRO-3)")
+    elif plan.checkpoint_bytes:
+        lines.append(f"while loading: rank 0 maps the whole checkpoint, {plan.checkpoint_bytes / GIB:.2f} GiB of CPU page "
+                     "cache on the first node (transformers reads every value on rank 0 under ZeRO-3)")
     if ds is not None:
         model_states = sum(b for what, b in plan.rows if what.startswith(("weights", "trained", "ZeRO")))
         lines.append(
@@ -189,6 +253,15 @@ def render(recipe, source, counts, plan, args, stage, off_opt, off_param, ds) ->
                if recipe.lora.method == "lora" else "")
         )
     return "\n".join(lines)
+
+
+def describe(setup: Setup, device_word: str = "GPU") -> str:
+    return (f"{setup.nodes} node(s) x {setup.gpus} {device_word}(s), "
+            + (f"DeepSpeed ZeRO-{setup.stage}" if setup.stage else "no ZeRO")
+            + (", optimizer offloaded" if setup.offload_optimizer else "")
+            + (", parameters offloaded" if setup.offload_parameters else "")
+            + f", micro-batch {setup.micro_batch} x {setup.max_length} tokens"
+            + (f", {setup.accumulation} accumulation steps" if setup.accumulation > 1 else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,11 +283,26 @@ def main(argv: list[str] | None = None) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     config, source = load_model_config(recipe.model)
     counts = count_parameters(recipe, config)
-    stage, off_opt, off_param = zero_settings(recipe, args.zero, args.offload)
-    world = args.gpus * args.nodes
-    plan = estimate(recipe, config, counts, world, args.nodes, stage, off_opt, off_param, args.device)
+    stage, off_opt, off_param, ds_settings = zero_settings(recipe, args.zero, args.offload)
+    setup = Setup(args.gpus, args.nodes, stage, off_opt, off_param, recipe.data.max_length,
+                  recipe.train.get("per_device_train_batch_size", 8), recipe.train.get("gradient_accumulation_steps", 1),
+                  float(ds_settings.get("stage3_max_live_parameters", 1e9)),
+                  float(ds_settings.get("stage3_max_reuse_distance", 1e9)))
+    plan = estimate(recipe, config, counts, setup, args.device)
     ds = deepspeed_estimate(counts, args.gpus, args.nodes, stage, off_opt, off_param) if args.device == "gpu" else None
-    print(render(recipe, source, counts, plan, args, stage, off_opt, off_param, ds))
+    print(render(recipe, source, counts, plan, args, setup, ds))
+    if args.gpu_memory and plan.total > args.gpu_memory * GIB:
+        plans: dict[Setup, Plan] = {}
+
+        def fits(candidate: Setup) -> bool:
+            if candidate not in plans:
+                plans[candidate] = estimate(recipe, config, counts, candidate, args.device)
+            return plans[candidate].total <= args.gpu_memory * GIB
+
+        from finetune.plan_alternatives import fitting_setups, render_suggestions
+
+        chosen = fitting_setups(setup, fits)
+        print(render_suggestions(args, setup, {s: plans[s] for s in chosen}, "GPU" if args.device == "gpu" else "process"))
     return 0
 
 

@@ -35,12 +35,17 @@ def relaunch_with_accelerate(recipe: Recipe, recipe_path: str, overrides: list[s
 
 
 def load_data(recipe: Recipe, args, encoder: ChatEncoder):
-    """The recipe's data, validated and encoded (finetune.data), with skipped rows reported."""
-    from finetune.data import prepare
+    """The recipe's data, validated and encoded (finetune/data_cache.py), with skipped rows reported. Each
+    node's main process tokenizes (or finds the cache) first; the other processes wait, then map its cache."""
+    from finetune.data_cache import prepare
 
     is_main = args.process_index == 0
-    data = prepare(recipe.data, recipe.kind, encoder, progress=is_main)
-    if args.eval_strategy != "no" and not data.eval:
+    with args.main_process_first(local=True, desc="tokenizing the data"):
+        data = prepare(recipe.data, recipe.kind, encoder, progress=args.local_process_index == 0)
+    how = "opened the cache" if data.cache_hit else "tokenized into the cache"
+    who = f"[process {args.process_index}] " if args.world_size > 1 else ""
+    print(f"{who}data: {how} {data.folder} in {data.seconds:.2f} s ({len(data.train)} train samples)", flush=True)
+    if args.eval_strategy != "no" and data.eval is None:
         raise RecipeError(
             f"{recipe.source}: train.eval_strategy={args.eval_strategy} but the data has no eval split; "
             "set data.eval or data.eval_fraction, or train.eval_strategy=no"
@@ -52,7 +57,6 @@ def load_data(recipe: Recipe, args, encoder: ChatEncoder):
 
 def announce(model, recipe: Recipe, args, data) -> None:
     """Before training: trainable parameters per group, router-loss reach, batch arithmetic."""
-    from finetune.data import sample_lengths
     from finetune.model import router_loss_warning, trainable_table
 
     if args.process_index != 0:
@@ -61,16 +65,14 @@ def announce(model, recipe: Recipe, args, data) -> None:
     warning = router_loss_warning(model, recipe)
     if warning:
         print(warning, file=sys.stderr)
-    print(describe_batch(args, sample_lengths(data.train), args.world_size))
+    print(describe_batch(args, data.lengths("train"), args.world_size))
 
 
 def trainer_inputs(recipe: Recipe, data, encoder: ChatEncoder) -> dict:
     """The keyword arguments both trainers take the same way."""
-    from datasets import Dataset
-
     return {
-        "train_dataset": Dataset.from_list(data.train),
-        "eval_dataset": Dataset.from_list(data.eval) if data.eval else None,
+        "train_dataset": data.for_trainer("train"),
+        "eval_dataset": data.for_trainer("eval"),
         "processing_class": encoder.hf_tokenizer,
         "callbacks": [StopWithCheckpoint(recipe.stop_after_steps), SaveRecipeWithCheckpoint(recipe)],
         "moe": recipe.moe,

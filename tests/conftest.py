@@ -7,6 +7,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))  # tests/conversations.py and other helpers
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory) -> Path:
+    """Tokenized data goes to a folder of this session, not the user's ~/.cache (subprocesses inherit it)."""
+    import os
+
+    from finetune.data_cache import CACHE_ENV
+
+    folder = tmp_path_factory.mktemp("data-cache")
+    os.environ[CACHE_ENV] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT

@@ -44,9 +44,23 @@ def overrides_for(model_dir, out, data, *extra, **train):
 
 @pytest.fixture(scope="module")
 def zero3_aux_on(tiny_model_dir, four_rows, tmp_path_factory):
-    out = tmp_path_factory.mktemp("z3") / "aux-on"
-    launch("sft", "recipes/tiny/sft.yaml", overrides_for(tiny_model_dir, out, four_rows, per_device_train_batch_size=2))
+    """Also tokenizes into a fresh data cache; the launch's output is kept next to the run folder."""
+    work = tmp_path_factory.mktemp("z3")
+    out = work / "aux-on"
+    proc = launch("sft", "recipes/tiny/sft.yaml", overrides_for(tiny_model_dir, out, four_rows,
+                                                                f"data.cache_dir={work / 'cache'}",
+                                                                per_device_train_batch_size=2))
+    (work / "launch.log").write_text(proc.stdout)
     return out
+
+
+def test_one_process_tokenizes_and_the_other_reads_its_cache(zero3_aux_on):
+    work = zero3_aux_on.parent
+    log = (work / "launch.log").read_text()
+    [folder] = list((work / "cache").iterdir())
+    assert f"[process 0] data: tokenized into the cache {folder} in" in log
+    assert f"[process 1] data: opened the cache {folder} in" in log
+    assert log.index("[process 0] data: tokenized") < log.index("[process 1] data: opened")
 
 
 def test_zero3_shards_every_large_parameter(zero3_aux_on):

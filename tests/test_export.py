@@ -1,4 +1,5 @@
-"""Streaming merged export: original layout, every group merged, logits equal base + adapters."""
+"""Streaming merged export: original layout, every group merged, logits equal base + adapters; its
+layer-by-layer self-check equals the whole-model computation and catches a corrupted shard."""
 
 import json
 
@@ -8,8 +9,9 @@ from conftest import tiny_overrides
 from safetensors import safe_open
 
 from finetune.cli import run_guarded
-from finetune.export import export, verify_merge
+from finetune.export import export
 from finetune.export import main as export_cli_main
+from finetune.merge_check import max_logit_difference, stream_logits
 from finetune.sft import main as sft_main
 from finetune.tiny import checkpoint_keys, make_tiny_mixtral
 
@@ -60,8 +62,62 @@ def test_export_keeps_layout_and_merges_every_group(sharded_base, adapter, tmp_p
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model", "README.md"):
         assert (out / name).is_file(), name
     # transformers loads it, and it computes what base + adapter computes (PEFT applying LoRA at run time).
-    prompts = [[1, 733, 16289, 28793, 1824, 349, 28705, 28750, 28806, 28770, 28804, 733, 28748, 16289, 28793]]
-    assert verify_merge(out, [str(adapter)], str(sharded_base), prompts) < 1e-4
+    assert max_logit_difference(out, sharded_base, [str(adapter)], PROMPTS) < 1e-4
+
+
+PROMPTS = [[1, 733, 16289, 28793, 1824, 349, 28705, 28750, 28806, 28770, 28804, 733, 28748, 16289, 28793],
+           [1, 733, 16289, 28793, 13397, 272, 1707, 733, 28748, 16289, 28793]]
+
+
+def whole_model_logits(model, prompts):
+    with torch.no_grad():
+        return [model.eval()(input_ids=torch.tensor([ids])).logits[0] for ids in prompts]
+
+
+def test_layer_by_layer_check_computes_what_the_whole_models_compute(sharded_base, adapter, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    merged = export([str(adapter), str(adapter)], tmp_path / "twice", progress=False, verify=False).folder
+    with_peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sharded_base), adapter).merge_and_unload()
+    with_peft = PeftModel.from_pretrained(with_peft, adapter)
+    cases = [
+        (stream_logits(sharded_base, PROMPTS, [adapter, adapter]), whole_model_logits(with_peft, PROMPTS)),
+        (stream_logits(merged, PROMPTS), whole_model_logits(AutoModelForCausalLM.from_pretrained(merged), PROMPTS)),
+        (stream_logits(sharded_base, PROMPTS), whole_model_logits(AutoModelForCausalLM.from_pretrained(sharded_base),
+                                                                  PROMPTS)),
+    ]
+    for streamed, whole in cases:
+        assert [s.shape for s in streamed] == [w.shape for w in whole] == [(len(p), 32000) for p in PROMPTS]
+        for s, w in zip(streamed, whole):
+            torch.testing.assert_close(s, w, rtol=0, atol=1e-5)
+    # The two sides really differ: the adapters change the logits well beyond the tolerance.
+    assert (cases[0][0][0] - cases[2][0][0]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("corrupt", ["model.layers.2.self_attn.o_proj.weight", "block_sparse_moe.experts.*.w2",
+                                     "model.layers.0.block_sparse_moe.gate.weight"])
+def test_check_fails_on_a_corrupted_merged_shard(sharded_base, adapter, tmp_path, corrupt):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    merged = export([str(adapter)], tmp_path / "merged", progress=False).folder
+    assert max_logit_difference(merged, sharded_base, [str(adapter)], PROMPTS) < 1e-4
+    broken = tmp_path / "broken"
+    shutil.copytree(merged, broken)
+    weight_map = json.loads((broken / "model.safetensors.index.json").read_text())["weight_map"]
+    if "*" in corrupt:  # every expert's down projection of layer 1, by a little
+        keys = [k for k in weight_map if k.startswith("model.layers.1.") and k.endswith("w2.weight")]
+    else:
+        keys = [corrupt]
+    for shard in sorted({weight_map[k] for k in keys}):
+        with safe_open(str(broken / shard), "pt") as f:
+            shard_tensors = {k: f.get_tensor(k) for k in f.keys()}
+        for key in set(keys) & set(shard_tensors):
+            shard_tensors[key] = shard_tensors[key] + 0.02 * torch.randn_like(shard_tensors[key])
+        save_file(shard_tensors, str(broken / shard), metadata={"format": "pt"})
+    assert max_logit_difference(broken, sharded_base, [str(adapter)], PROMPTS) > 1e-3  # the fp32 tolerance
 
 
 def test_several_adapters_merge_in_order(sharded_base, adapter, tmp_path):
@@ -119,3 +175,18 @@ def test_fused_base_checkpoint_is_merged_and_written_in_original_layout(sharded_
 def tensors_single(folder):
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_an_adapter_on_the_lm_head_is_applied_and_merged(sharded_base, tmp_path):
+    """A LoRA target that is a part itself (PEFT replaces the module): the check computes what PEFT computes."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(sharded_base),
+                           LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "head-adapter")
+    streamed = stream_logits(sharded_base, PROMPTS, [tmp_path / "head-adapter"])
+    for s, w in zip(streamed, whole_model_logits(model, PROMPTS)):
+        torch.testing.assert_close(s, w, rtol=0, atol=1e-5)
+    exported = export([str(tmp_path / "head-adapter")], tmp_path / "merged", progress=False)
+    assert exported.max_logit_difference < 1e-4

@@ -9,6 +9,7 @@ import pytest
 from finetune.config import load_recipe
 from finetune.plan import (
     GIB,
+    Setup,
     count_parameters,
     deepspeed_estimate,
     estimate,
@@ -61,10 +62,62 @@ def test_full_finetune_model_states_agree_with_deepspeed(repo_root, tmp_path, mo
     recipe = load_recipe(path)
     config, _ = load_model_config(recipe.model)
     counts = count_parameters(recipe, config)
-    stage, off_opt, off_param = zero_settings(recipe, None, offload)
-    plan = estimate(recipe, config, counts, 8, 1, stage, off_opt, off_param, "gpu")
+    stage, off_opt, off_param, _ = zero_settings(recipe, None, offload)
+    plan = estimate(recipe, config, counts, Setup(8, 1, stage, off_opt, off_param, 4096, 8, 1), "gpu")
     ours = sum(b for what, b in plan.rows if what.startswith(("weights", "trained", "ZeRO")))
     ds_cpu, ds_gpu = deepspeed_estimate(counts, 8, 1, stage, off_opt, off_param)
     assert ours == pytest.approx(ds_gpu, rel=0.02)
     if offload:  # DeepSpeed adds a 1.5x buffer factor on the CPU side
         assert plan.cpu_bytes_per_node * 1.5 == pytest.approx(ds_cpu, rel=0.02)
+
+
+def plan_output(argv, capsys) -> str:
+    from finetune.plan import main
+
+    assert main(argv) == 0
+    return capsys.readouterr().out
+
+
+def suggestions(output: str) -> list[tuple[str, float, list[str]]]:
+    """(what changes, GiB per device, the re-plan command's arguments) for each suggested setup."""
+    lines = output.split("nearest setups that fit:\n")[1].splitlines()
+    found = []
+    for said, command in zip(lines[0::2], lines[1::2]):
+        what, total = re.match(r"  - (.+): ([0-9.]+) GiB per", said).groups()
+        assert command.strip().startswith("python -m finetune.plan ")
+        found.append((what, float(total), command.split()[3:]))
+    return found
+
+
+@pytest.mark.parametrize("argv, expected", [
+    # One 80 GB GPU: the 47B weights alone do not fit. Offload, or a second GPU.
+    (["--gpus", "1", "--gpu-memory", "80"], ["offloaded to CPU", "2 devices (1 node(s) x 2)"]),
+    # Eight GPUs without ZeRO: every GPU holds every weight; ZeRO-3 shards them.
+    (["--gpus", "8", "--zero", "0", "--gpu-memory", "80"], ["ZeRO-3 (recipes", "offloaded to CPU"]),
+    # Nothing alone is enough (offload still holds 4 sequences of 4096 tokens): pairs of changes.
+    (["--gpus", "1", "--gpu-memory", "12", "train.per_device_train_batch_size=4"],
+     ["offloaded to CPU (recipes/accelerate/zero3_offload.yaml) + micro-batch 2 with 32 accumulation steps",
+      "offloaded to CPU (recipes/accelerate/zero3_offload.yaml) + data.max_length 2048",
+      "32 devices (4 node(s) x 8) + micro-batch 1 with 64 accumulation steps", "32 devices (4 node(s) x 8) + data.max_length 1024"]),
+])
+def test_every_suggested_setup_fits_when_planned_again(capsys, repo_root, monkeypatch, argv, expected):
+    monkeypatch.chdir(repo_root)
+    output = plan_output(["recipes/sft.yaml", *argv], capsys)
+    assert "DOES NOT FIT" in output
+    found = suggestions(output)
+    for text in expected:
+        assert any(text in what for what, _, _ in found), (text, found)
+    assert len(found) == len(expected)
+    for what, total, command in found:
+        again = plan_output(command, capsys)
+        assert ": fits (" in again, (what, again)
+        assert row(again, "total") == pytest.approx(total, abs=0.006)
+        assert "nearest setups" not in again
+        assert len([a for a in command if a.startswith("train.per_device_train_batch_size=")]) <= 1
+
+
+def test_nothing_fitting_is_said_plainly(capsys, repo_root, monkeypatch):
+    monkeypatch.chdir(repo_root)
+    output = plan_output(["recipes/sft.yaml", "--gpus", "1", "--gpu-memory", "4"], capsys)
+    assert "DOES NOT FIT" in output and "nearest setups" not in output
+    assert "nothing within 64 nodes, ZeRO-3 with offload, micro-batch 1 and data.max_length 256 fits in 4 GiB" in output

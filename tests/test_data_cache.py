@@ -1,0 +1,177 @@
+"""Tokenized data on disk: the same samples as encoding the rows one by one, read back from the cache on a
+rerun, rebuilt when the data section, a data file, the tokenizer or the encoder changes."""
+
+import json
+import random
+
+import pytest
+
+from finetune import data_cache
+from finetune.chat_format import ChatEncoder
+from finetune.config import DataConfig, DataSource
+from finetune.data import (
+    BadRow,
+    DataError,
+    encode_chat_row,
+    encode_preference_row,
+    read_rows,
+)
+from finetune.data_cache import prepare
+
+
+def write_rows(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def chat(user, reply):
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]}
+
+
+@pytest.fixture
+def two_sources(tmp_path):
+    a = write_rows(tmp_path / "a.jsonl", [chat(f"question a{i}", f"answer {i}") for i in range(37)]
+                   + ['{"messages": [', chat("too " * 200, "long")])
+    b = write_rows(tmp_path / "b.jsonl", [chat(f"question b{i}", "yes " * (i % 5 + 1)) for i in range(23)])
+    return a, b
+
+
+def encoded_one_by_one(data: DataConfig, kind: str, encoder: ChatEncoder):
+    """The samples as a plain loop over the rows computes them: each source encoded in order, split before
+    weighting, weighted with whole repeats plus a seeded subset, the training mix shuffled last."""
+    encode = encode_preference_row if kind == "dpo" else encode_chat_row
+    rng = random.Random(data.seed)
+    train, held_out = [], []
+
+    def samples(source):
+        out = []
+        for _, row in read_rows(source):
+            if not isinstance(row, BadRow):
+                sample, reason = encode(row, encoder, data.max_length)
+                if sample:
+                    out.append(sample)
+        return out
+
+    def weighted(rows, weight):
+        whole, rest = divmod(round(weight * len(rows)), len(rows)) if rows else (0, 0)
+        return rows * whole + rng.sample(rows, rest)
+
+    for source in data.train:
+        rows = samples(source)
+        if not data.eval and data.eval_fraction > 0 and rows:
+            rows = rng.sample(rows, len(rows))
+            n_eval = max(1, round(data.eval_fraction * len(rows)))
+            held_out += rows[:n_eval]
+            rows = rows[n_eval:]
+        train += weighted(rows, source.weight)
+    for source in data.eval:
+        held_out += weighted(samples(source), source.weight)
+    rng.shuffle(train)
+    return train, held_out
+
+
+def as_lists(dataset):
+    return [] if dataset is None else [dict(row) for row in dataset]
+
+
+def test_cached_samples_are_the_rows_encoded_one_by_one(two_sources, encoder, tmp_path):
+    a, b = two_sources
+    data = DataConfig(train=[DataSource(str(a), weight=0.5), DataSource(str(b), weight=2.5)], eval_fraction=0.2,
+                      max_length=128, seed=7, on_bad_rows="skip", cache_dir=str(tmp_path / "cache"))
+    prepared = prepare(data, "sft", encoder, progress=False)
+    train, held_out = encoded_one_by_one(data, "sft", encoder)
+    assert as_lists(prepared.for_trainer("train")) == train and len(train) == 15 + 45
+    assert as_lists(prepared.for_trainer("eval")) == held_out and len(held_out) == 7 + 5
+    assert prepared.lengths("train") == [len(s["input_ids"]) for s in train]
+    assert [r.reason.split(" (")[0].split(":")[0] for r in prepared.bad_rows] == ["malformed JSON", "too long"]
+    assert prepared.rows_read == 39 + 23
+    # Memory-mapped from the cache folder, not held in memory.
+    assert prepared.train.cache_files and all(f["filename"].startswith(str(prepared.folder))
+                                              for f in prepared.train.cache_files)
+
+
+def test_preference_pairs_with_an_eval_source(repo_root, encoder, tmp_path):
+    train_file, eval_file = repo_root / "data/preferences/train.jsonl", repo_root / "data/preferences/eval.jsonl"
+    data = DataConfig(train=[DataSource(str(train_file), weight=0.3)], eval=[DataSource(str(eval_file))],
+                      max_length=512, seed=1, cache_dir=str(tmp_path / "cache"))
+    prepared = prepare(data, "dpo", encoder, progress=False)
+    train, held_out = encoded_one_by_one(data, "dpo", encoder)
+    assert as_lists(prepared.for_trainer("train")) == train and train
+    assert as_lists(prepared.for_trainer("eval")) == held_out and held_out
+
+
+def test_several_tokenizing_processes_give_the_same_samples(two_sources, encoder, tmp_path):
+    a, b = two_sources
+    results = []
+    for processes in (1, 3):
+        data = DataConfig(train=[DataSource(str(a)), DataSource(str(b))], eval_fraction=0.1, max_length=128,
+                          on_bad_rows="skip", num_proc=processes, cache_dir=str(tmp_path / f"cache-{processes}"))
+        prepared = prepare(data, "sft", encoder, progress=False)
+        results.append((as_lists(prepared.train), as_lists(prepared.eval), prepared.bad_rows))
+        files = {f["filename"] for f in prepared.train.cache_files}
+        assert len(files) == (2 if processes == 1 else 6)  # one Arrow file per source and process
+    assert results[0] == results[1]
+
+
+def trained_tokenizer(tmp_path, repo_root):
+    """A second, different SentencePiece model (same special ids, byte fallback), trained here."""
+    import sentencepiece
+
+    text = [m["content"] for line in (repo_root / "data/chat/train.jsonl").read_text().splitlines()
+            for m in json.loads(line)["messages"]]
+    path = tmp_path / "other"
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(path), vocab_size=400,
+                                             byte_fallback=True, minloglevel=2)
+    return ChatEncoder(f"{path}.model")
+
+
+def test_a_rerun_hits_the_cache_and_every_input_of_the_samples_invalidates_it(two_sources, encoder, tmp_path,
+                                                                              repo_root, monkeypatch):
+    a, b = two_sources
+    root = tmp_path / "cache"
+    data = DataConfig(train=[DataSource(str(a)), DataSource(str(b))], max_length=128, on_bad_rows="skip",
+                      cache_dir=str(root))
+    first = prepare(data, "sft", encoder, progress=False)
+    again = prepare(data, "sft", encoder, progress=False)
+    assert not first.cache_hit and again.cache_hit and again.folder == first.folder
+    assert as_lists(again.train) == as_lists(first.train)
+    # Settings that do not change the samples share the cache.
+    assert prepare(DataConfig(**{**data.__dict__, "num_proc": 2}), "sft", encoder, progress=False).cache_hit
+
+    def folder_for(changed: DataConfig, enc=encoder, kind="sft"):
+        prepared = prepare(changed, kind, enc, progress=False)
+        assert not prepared.cache_hit
+        return prepared
+
+    folders = {first.folder}
+    for change in ({"max_length": 96}, {"seed": 5}, {"eval_fraction": 0.2},
+                   {"train": [DataSource(str(a), weight=2.0), DataSource(str(b))]}):
+        folders.add(folder_for(DataConfig(**{**data.__dict__, **change})).folder)
+    folders.add(folder_for(data, enc=trained_tokenizer(tmp_path, repo_root)).folder)
+    monkeypatch.setattr(data_cache, "ENCODER_VERSION", data_cache.ENCODER_VERSION + 1)
+    folders.add(folder_for(data).folder)
+    monkeypatch.undo()
+    # A data file edited in place (same path) is read again, with its new row.
+    with b.open("a") as f:
+        f.write(json.dumps(chat("one more", "row")) + "\n")
+    edited = folder_for(data)
+    folders.add(edited.folder)
+    assert len(edited.train) == len(first.train) + 1
+    assert len(folders) == 8 and sorted(p.name for p in root.iterdir()) == sorted(p.name for p in folders)
+
+
+def test_bad_rows_are_cached_too_and_a_failed_build_leaves_nothing(two_sources, encoder, tmp_path):
+    a, _ = two_sources
+    root = tmp_path / "cache"
+    data = DataConfig(train=[DataSource(str(a))], max_length=128, cache_dir=str(root))
+    messages = []
+    for _ in range(2):
+        with pytest.raises(DataError) as err:
+            prepare(data, "sft", encoder, progress=False)
+        messages.append(str(err.value))
+    assert messages[0] == messages[1] and f"{a}:38: malformed JSON" in messages[0]
+    assert len(list(root.iterdir())) == 1  # the second run read the bad rows from the cache
+    missing = DataConfig(train=[DataSource(str(a)), DataSource(str(tmp_path / "gone.jsonl"))], cache_dir=str(root))
+    with pytest.raises(DataError, match="data file not found"):
+        prepare(missing, "sft", encoder, progress=False)
+    assert len(list(root.iterdir())) == 1  # no half-built folder, hidden or not
