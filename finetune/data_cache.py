@@ -137,8 +137,9 @@ def open_cached(folder: Path) -> Prepared:
     with (folder / "bad_rows.jsonl").open() as f:
         bad = [BadRow(**json.loads(line)) for line in f]
     sources = [datasets.concatenate_datasets([datasets.Dataset.from_file(str(folder / name)) for name in files])
-               for files in summary["source_files"]]
-    everything = datasets.concatenate_datasets(sources).remove_columns(["where", "reason"])
+               for files in summary["source_files"] if files]
+    everything = (datasets.concatenate_datasets(sources).remove_columns(["where", "reason"]) if sources
+                  else datasets.Dataset.from_dict({}))  # only empty files: no rows, which prepare reports
     splits = {split: everything.select(numpy.load(folder / f"{split}_rows.npy"))
               for split in ("train", "eval") if (folder / f"{split}_rows.npy").is_file()}
     return Prepared(train=splits["train"], eval=splits.get("eval"), bad_rows=bad, rows_read=summary["rows_read"],
@@ -165,6 +166,9 @@ def build(folder: Path, data: DataConfig, kind: str, encoder: ChatEncoder, progr
             for number, (source, role) in enumerate(sources):
                 encoded = tokenize_source(source, kind, encoder, data, staging, f"source-{number}")
                 shutil.rmtree(staging / "scratch", ignore_errors=True)  # the rows as read: encoded now
+                if encoded is None:  # an empty file: no rows, no draws
+                    source_files.append([])
+                    continue
                 source_files.append([Path(f["filename"]).name for f in encoded.cache_files])
                 rows_read += len(encoded)
                 reasons = column(encoded, "reason")
@@ -214,18 +218,23 @@ def apply_weight(indices: list[int], weight: float, rng: random.Random) -> list[
 
 def tokenize_source(source: DataSource, kind: str, encoder: ChatEncoder, data: DataConfig, folder: Path, name: str):
     """One source as Arrow files `folder/NAME*.arrow` with the model columns, the counts, and `where` / `reason`
-    per row (reason empty for a good row). Rows are read here; `map` encodes them in `data.num_proc` processes."""
+    per row (reason empty for a good row), or None for a source without rows. Rows are read here; `map`
+    encodes them in `data.num_proc` processes."""
     import datasets
 
+    raw_features = datasets.Features({name: datasets.Value("large_string") for name in ("where", "row", "problem")})
     try:
         raw = datasets.Dataset.from_generator(
-            raw_rows, gen_kwargs={"source": source, "columns": REQUIRED_FIELDS[kind]},
-            features=datasets.Features({name: datasets.Value("large_string") for name in ("where", "row", "problem")}),
+            raw_rows, gen_kwargs={"source": source, "columns": REQUIRED_FIELDS[kind]}, features=raw_features,
             cache_dir=str(folder / "scratch" / name),
         )
     except datasets.exceptions.DatasetGenerationError as err:
         cause = err.__cause__ or err.__context__
         raise (cause if isinstance(cause, DataError) else DataError(f"{source.path}: cannot be read ({cause})")) from None
+    except ValueError:  # datasets refuses a generator that yields nothing: an empty source is zero rows
+        if next(read_rows(source, REQUIRED_FIELDS[kind]), None) is not None:
+            raise
+        return None
     processes = data.num_proc or min(os.cpu_count() or 1, 8, max(1, len(raw) // ROWS_PER_PROCESS))
     ids = datasets.Sequence(datasets.Value("int32"))
     count = datasets.Value("int32")

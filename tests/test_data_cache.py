@@ -175,3 +175,18 @@ def test_bad_rows_are_cached_too_and_a_failed_build_leaves_nothing(two_sources, 
     with pytest.raises(DataError, match="data file not found"):
         prepare(missing, "sft", encoder, progress=False)
     assert len(list(root.iterdir())) == 1  # no half-built folder, hidden or not
+
+
+def test_an_empty_file_is_zero_rows(two_sources, encoder, tmp_path):
+    a, _ = two_sources
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    alone = DataConfig(train=[DataSource(str(empty))], cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match="no usable training rows"):
+        prepare(alone, "sft", encoder, progress=False)
+    mixed = DataConfig(train=[DataSource(str(empty)), DataSource(str(a))], max_length=128, on_bad_rows="skip",
+                       seed=2, cache_dir=str(tmp_path / "cache"))
+    prepared = prepare(mixed, "sft", encoder, progress=False)
+    train, held_out = encoded_one_by_one(mixed, "sft", encoder)
+    assert as_lists(prepared.for_trainer("train")) == train and as_lists(prepared.for_trainer("eval")) == held_out
+    assert prepared.rows_read == 39
