@@ -152,8 +152,12 @@ def build(folder: Path, data: DataConfig, kind: str, encoder: ChatEncoder, progr
     split are row numbers, so this process never reads them."""
     import numpy
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
+    except OSError as err:
+        raise DataError(f"cannot write the tokenized-data cache in {folder.parent} ({err.strerror or err}); set "
+                        f"data.cache_dir (or ${CACHE_ENV}) to a writable folder") from None
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the cache is read by every rank

@@ -190,3 +190,12 @@ def test_an_empty_file_is_zero_rows(two_sources, encoder, tmp_path):
     train, held_out = encoded_one_by_one(mixed, "sft", encoder)
     assert as_lists(prepared.for_trainer("train")) == train and as_lists(prepared.for_trainer("eval")) == held_out
     assert prepared.rows_read == 39
+
+
+def test_a_cache_folder_that_cannot_be_written_is_named(two_sources, encoder, tmp_path):
+    a, _ = two_sources
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    data = DataConfig(train=[DataSource(str(a))], on_bad_rows="skip", cache_dir=str(blocked / "cache"))
+    with pytest.raises(DataError, match=rf"cannot write the tokenized-data cache in {blocked}/cache .*set data.cache_dir"):
+        prepare(data, "sft", encoder, progress=False)
