@@ -29,7 +29,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from finetune.chat_format import ENCODER_VERSION, ChatEncoder
+from finetune.chat_format import ENCODER_VERSION, IGNORE_INDEX, ChatEncoder
 from finetune.config import DataConfig, DataSource
 from finetune.data import (
     REQUIRED_FIELDS,
@@ -190,7 +190,6 @@ def build(folder: Path, data: DataConfig, kind: str, encoder: ChatEncoder, progr
                     eval_rows += shuffled[:n_eval]
                     good = shuffled[n_eval:]
                 (train_rows if role == "train" else eval_rows).extend(apply_weight(good, source.weight, rng))
-                del encoded
         rng.shuffle(train_rows)
         numpy.save(staging / "train_rows.npy", numpy.array(train_rows, dtype=numpy.int64))
         if eval_rows:
@@ -266,8 +265,6 @@ def raw_rows(source: DataSource, columns: tuple[str, ...]):
 
 def encode_batch(batch: dict, kind: str, encoder: ChatEncoder, max_length: int) -> dict:
     """datasets.map function: the model columns and counts for good rows, the reason for bad ones."""
-    from finetune.chat_format import IGNORE_INDEX
-
     encode = encode_preference_row if kind == "dpo" else encode_chat_row
     out = {name: [] for name in (*MODEL_COLUMNS[kind], "num_tokens", "reason")}
     if kind == "sft":

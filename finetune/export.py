@@ -13,8 +13,8 @@ expert factors.
 
 Then the export checks itself (unless --no-verify): the merged model and base + adapters (applied by PEFT)
 give the same logits on a few prompts, computed one decoder layer at a time (finetune/merge_check.py), so
-the check holds about one layer in memory, not two whole models. Everything is written into a hidden `.OUT.partial` folder that becomes
-`--out` only once the verification passed (finetune/output_folder.py): a failure or a kill leaves no
+the check holds about one layer in memory, not two whole models. Everything is written into a hidden
+`.OUT.partial` folder that becomes `--out` only once the verification passed (finetune/output_folder.py): a failure or a kill leaves no
 `--out`. `--out` must not be, hold or lie inside the base or an adapter, and an existing non-empty
 `--out` is replaced only with `--overwrite`.
 """

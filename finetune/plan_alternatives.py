@@ -44,17 +44,13 @@ def axes(setup: Setup) -> dict[str, list[Setup]]:
 def fitting_setups(setup: Setup, fits, limit: int = 5) -> list[Setup]:
     """Setups that fit (`fits(setup)`): the nearest along each axis alone; when none does, the nearest pair
     of changes on two axes. At most `limit`, fewest GPUs first."""
-    found = []
-    for candidates in axes(setup).values():
-        found += [next(c for c in candidates if fits(c))] if any(fits(c) for c in candidates) else []
-    if not found:
-        names = list(axes(setup))
-        for i, first_axis in enumerate(names):
-            for second_axis in names[i + 1:]:
-                pair = next((s for first in axes(setup)[first_axis] for s in axes(first)[second_axis] if fits(s)), None)
-                if pair is not None:
-                    found.append(pair)
-    unique = list(dict.fromkeys(found))
+    options = axes(setup)
+    found = [next((c for c in candidates if fits(c)), None) for candidates in options.values()]
+    if not any(found):
+        names = list(options)
+        found = [next((s for first in options[a] for s in axes(first)[b] if fits(s)), None)
+                 for i, a in enumerate(names) for b in names[i + 1:]]
+    unique = list(dict.fromkeys(s for s in found if s is not None))
     return sorted(unique, key=lambda s: (s.world, s.stage, s.offload_parameters))[:limit]
 
 

@@ -75,16 +75,13 @@ class CheckpointFiles:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
+        self.has_index = index.is_file()
+        if self.has_index:
             self.where: dict[str, str] = json.loads(index.read_text())["weight_map"]
         else:
             self.where = dict.fromkeys(SafetensorsFile(self.folder / "model.safetensors").keys(), "model.safetensors")
         self.shards = sorted(set(self.where.values()))
         self._files: dict[str, SafetensorsFile] = {}
-
-    @property
-    def has_index(self) -> bool:
-        return (self.folder / "model.safetensors.index.json").is_file()
 
     def file(self, shard: str) -> SafetensorsFile:
         if shard not in self._files:
