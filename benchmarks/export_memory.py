@@ -81,6 +81,16 @@ def measure(work: Path, layers: int, args) -> dict:
             "largest": max(s.stat().st_size for s in shards) / MIB, "before": before, "ours": ours, "peft": theirs}
 
 
+def each_size(measure, args) -> list[dict]:
+    """`measure(folder, layers, args)` for each of `args.layers`, each in its own temporary folder."""
+    rows = []
+    for layers in args.layers:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows.append(measure(Path(tmp), layers, args))
+        print(f"{layers} layers done", file=sys.stderr, flush=True)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 9, 19])
@@ -88,11 +98,7 @@ def main():
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--shard-size", default="100MB")
     args = parser.parse_args()
-    rows = []
-    for layers in args.layers:
-        with tempfile.TemporaryDirectory() as tmp:
-            rows.append(measure(Path(tmp), layers, args))
-        print(f"{layers} layers done", file=sys.stderr, flush=True)
+    rows = each_size(measure, args)
     print(f"{rows[0]['before']:.0f} MiB resident after imports; peak resident memory added by the command:")
     print("| layers | checkpoint (MiB) | shards (largest MiB) | export, verified (MiB) | PEFT (MiB) | export / PEFT |")
     print("|---:|---:|---:|---:|---:|---:|")

@@ -4,6 +4,7 @@
     python benchmarks/moe_lora.py --shape small         # a quick run
     python benchmarks/moe_lora.py --shape mixtral --dtype bf16     # on a GPU: Mixtral's layer, 8192 tokens
     python benchmarks/moe_lora.py --shape small --sft-steps 20     # plus the tiny SFT recipe's tokens/s, ours vs PEFT's
+    python benchmarks/moe_lora.py --nf4                 # plus ours on 4-bit (NF4) experts (needs bitsandbytes)
 
 One Mixtral MoE layer (router + experts, top-2), forward + backward with a gradient for the input, LoRA
 r=16 on gate_up and down of every expert. All variants run in this one process on the same weights and
@@ -12,7 +13,8 @@ median over rounds. Peak memory: on CUDA the allocator's peak over the step minu
 before it; on CPU the peak resident memory (sampled every 0.5 ms) over the step minus the resident
 memory before it, with freed memory handed back to the OS first (malloc_trim).
 Targets: CPU step <= 1.15 x frozen and extra memory <= 0.1 x PEFT's extra; GPU >= 1.5 x faster
-than grouped_mm + PEFT.
+than grouped_mm + PEFT. With --nf4, "nf4" is "ours" with the experts stored in 4 bits (finetune/nf4.py):
+targets expert weight memory <= 0.30 x bf16 and step time <= 1.5 x ours on CPU.
 """
 
 from __future__ import annotations
@@ -126,10 +128,33 @@ def step(layer, x, grad):
         param.grad = None
 
 
-def bench_layer(shape: str, dtype, device, rounds: int, rank: int, implementation: str) -> dict:
+def with_nf4_experts(layer):
+    """The layer with its expert stacks replaced by NF4 ones, quantized from the same weights."""
+    from finetune.nf4 import NF4ExpertStack
+
+    experts = next(m for m in layer.modules() if hasattr(m, "gate_up_proj") and hasattr(m, "num_experts"))
+    for name in ("gate_up_proj", "down_proj"):
+        dense = getattr(experts, name).detach()
+        stack = NF4ExpertStack.from_experts(iter(dense), tuple(dense.shape), dense.dtype, dense.device)
+        setattr(experts, name, torch.nn.Parameter(stack, requires_grad=False))
+    return layer
+
+
+def expert_bytes(layer) -> tuple[int, int]:
+    """(bytes the expert stacks take, bytes they would take in bf16)."""
+    from finetune.nf4 import NF4ExpertStack
+
+    stacks = [p for n, p in layer.named_parameters() if n.endswith(("gate_up_proj", "down_proj"))]
+    stored = sum(p.stored_bytes if isinstance(p, NF4ExpertStack) else p.nbytes for p in stacks)
+    return stored, sum(2 * p.numel() for p in stacks)
+
+
+def bench_layer(shape: str, dtype, device, rounds: int, rank: int, implementation: str, nf4: bool = False) -> dict:
     hidden, intermediate, experts, tokens = SHAPES[shape]
     frozen = build_layer(hidden, intermediate, experts, implementation, dtype, device)
     variants = {"frozen": frozen, "peft": with_lora(frozen, "peft", rank), "ours": with_lora(frozen, "ours", rank)}
+    if nf4:
+        variants["nf4"] = with_nf4_experts(with_lora(frozen, "ours", rank))
     torch.manual_seed(1)
     x = torch.randn(1, tokens, hidden, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(1, tokens, hidden, device=device, dtype=dtype)
@@ -148,7 +173,8 @@ def bench_layer(shape: str, dtype, device, rounds: int, rank: int, implementatio
                     torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - start)
             memory[name].append(peak.added)
-    return {name: (statistics.median(times[name]), statistics.median(memory[name])) for name in variants}
+    return {name: (statistics.median(times[name]), statistics.median(memory[name]), expert_bytes(layer))
+            for name, layer in variants.items()}
 
 
 def report_layer(result: dict, shape: str, dtype, device, implementation: str) -> None:
@@ -156,17 +182,24 @@ def report_layer(result: dict, shape: str, dtype, device, implementation: str) -
     print(f"\nMoE layer forward+backward: hidden {hidden}, intermediate {intermediate}, {experts} experts, top-2, "
           f"{tokens} tokens, {str(dtype).replace('torch.', '')}, {device.type}, frozen path {implementation}")
     print(f"{'variant':<8} {'step (ms)':>10} {'peak added (MiB)':>17} {'x frozen time':>14}")
-    for name, (seconds, added) in result.items():
+    for name, (seconds, added, _) in result.items():
         print(f"{name:<8} {seconds * 1000:>10.1f} {added / MIB:>17.1f} {seconds / result['frozen'][0]:>14.2f}")
-    frozen_t, frozen_m = result["frozen"]
-    peft_t, peft_m = result["peft"]
-    ours_t, ours_m = result["ours"]
+    frozen_t, frozen_m, _ = result["frozen"]
+    peft_t, peft_m, _ = result["peft"]
+    ours_t, ours_m, (ours_bytes, bf16_bytes) = result["ours"]
     extra_peft, extra_ours = peft_m - frozen_m, ours_m - frozen_m
     print(f"ours / frozen time: {ours_t / frozen_t:.3f}   (CPU target <= 1.15)")
     print(f"PEFT / ours time:   {peft_t / ours_t:.2f} x  (GPU target >= 1.5)")
     ratio = extra_ours / extra_peft if extra_peft > 0 else float("nan")
     print(f"extra memory over frozen: ours {extra_ours / MIB:.1f} MiB, PEFT {extra_peft / MIB:.1f} MiB, "
           f"ratio {ratio:.3f}   (target <= 0.1)")
+    if "nf4" in result:
+        nf4_t, nf4_m, (nf4_bytes, _) = result["nf4"]
+        print(f"expert weights: bf16 {bf16_bytes / MIB:.1f} MiB, ours as held ({str(dtype).replace('torch.', '')}) "
+              f"{ours_bytes / MIB:.1f} MiB, nf4 {nf4_bytes / MIB:.1f} MiB: nf4 / bf16 {nf4_bytes / bf16_bytes:.3f}"
+              "   (target <= 0.30)")
+        print(f"nf4 / ours time: {nf4_t / ours_t:.2f}   (CPU target <= 1.5); peak added during the step: "
+              f"nf4 {nf4_m / MIB:.1f} MiB, ours {ours_m / MIB:.1f} MiB")
 
 
 def bench_sft(steps: int) -> None:
@@ -206,13 +239,14 @@ def main(argv=None) -> int:
     parser.add_argument("--implementation", choices=["grouped_mm", "eager"], default="grouped_mm",
                         help="transformers' experts kernel for the frozen layer and PEFT's path")
     parser.add_argument("--sft-steps", type=int, default=0, help="also time the tiny SFT recipe for this many steps")
+    parser.add_argument("--nf4", action="store_true", help="also ours with 4-bit NF4 expert weights")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = args.shape or ("mixtral" if device.type == "cuda" else "h1024")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     if device.type == "cuda":
         print(f"device: {torch.cuda.get_device_name()}")
-    result = bench_layer(shape, dtype, device, args.rounds, args.rank, args.implementation)
+    result = bench_layer(shape, dtype, device, args.rounds, args.rank, args.implementation, args.nf4)
     report_layer(result, shape, dtype, device, args.implementation)
     if args.sft_steps:
         bench_sft(args.sft_steps)

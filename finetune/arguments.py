@@ -78,7 +78,20 @@ def preflight(recipe: Recipe):
     except ModelSourceError as err:
         raise RecipeError(f"{recipe.source}: {err}") from None
     check_sft_adapter(recipe)
+    if recipe.quantization != "none":
+        check_quantization_runs_here(recipe)
     return args
+
+
+def check_quantization_runs_here(recipe: Recipe) -> None:
+    """A 4-bit base needs bitsandbytes, and no DeepSpeed launch (the recipe's own `launch` is checked at parse
+    time; this catches `accelerate launch --config_file <a DeepSpeed config>`)."""
+    from finetune.nf4 import bitsandbytes
+
+    bitsandbytes(recipe.source)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise RecipeError(f"{recipe.source}: quantization: {recipe.quantization} does not run under DeepSpeed, and "
+                          "this process was launched with it; launch with recipes/accelerate/single.yaml or ddp.yaml")
 
 
 def check_wandb_login(recipe: Recipe, report_to) -> None:

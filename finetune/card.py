@@ -50,6 +50,11 @@ def final_metrics(log_history: list[dict]) -> dict:
     return found
 
 
+QLORA_NOTE = ("Trained on a 4-bit NF4 copy of the base (QLoRA), but it is a plain adapter of the unquantized base: "
+              "load it on that base as above, and merge it into that base (`python -m finetune.export`), never into "
+              "dequantized 4-bit weights.")
+
+
 def adapter_card(recipe: Recipe, log_history: list[dict]) -> str:
     """The card of a training pass's output: a LoRA adapter, or full fine-tuned weights."""
     from finetune.model import LORA_DEFAULTS
@@ -80,6 +85,8 @@ def adapter_card(recipe: Recipe, log_history: list[dict]) -> str:
         f"| method | {recipe.lora.method} on {', '.join(recipe.lora.targets)}"
         + (f" (r={peft['r']}, alpha={peft['lora_alpha']})" if lora else "") + " |",
         f"| router | {'trainable' if 'router' in recipe.lora.targets else 'frozen'} |",
+        *([f"| base weights while training | 4-bit NF4 (QLoRA); the adapter belongs to the unquantized `{base}` |"]
+          if recipe.quantization != "none" else []),
         f"| load-balancing loss coefficient | {recipe.moe.aux_loss_coef} |",
         f"| router z-loss coefficient | {recipe.moe.z_loss_coef} |",
         "",
@@ -103,6 +110,7 @@ def adapter_card(recipe: Recipe, log_history: list[dict]) -> str:
         ]),
         "tokenizer = AutoTokenizer.from_pretrained('THIS_FOLDER_OR_REPO')  # Mixtral-Instruct chat template",
         "```",
+        *(["", QLORA_NOTE] if recipe.quantization != "none" else []),
         "",
         "## Recipe",
         "",
@@ -125,5 +133,9 @@ def merged_card(name: str, base: str, adapters: list[str]) -> str:
         if recipe.is_file():
             shown = yaml.safe_dump(public_recipe(parse_yaml(recipe.read_text())), sort_keys=False).strip()
             lines += ["", f"## {Path(adapter).name}", "", "```yaml", shown, "```"]
+    if any(r.is_file() and (parse_yaml(r.read_text()) or {}).get("quantization", "none") != "none"
+           for r in recipes.values()):
+        lines += ["", "The adapters were trained on a 4-bit NF4 copy of the base (QLoRA) and are merged into the "
+                  "original unquantized base, never into dequantized 4-bit weights."]
     lines += ["", "Weights are in the original Mixtral layout (`block_sparse_moe.experts.K.w1/w2/w3`)."]
     return redact("\n".join(lines) + "\n")

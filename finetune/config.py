@@ -23,6 +23,7 @@ from finetune.typed_yaml import (
     build_dataclass,
     describe,
     enum_choices,
+    parse_yaml,
     read_yaml_mapping,
     safe_type_hints,
     type_matches,
@@ -142,6 +143,12 @@ class Recipe:
     output_dir: str
     """Where the adapter, tokenizer, resolved recipe and logs are written."""
     data: DataConfig
+    quantization: Literal["none", "nf4"] = "none"
+    """`nf4`: load the base in 4-bit (QLoRA) so Mixtral 8x7B trains on one GPU (finetune.plan says which):
+    attention through bitsandbytes, each expert's weights NF4 per expert, dequantized one expert at a time
+    (finetune/nf4.py); router, norms, embeddings and LM head in the training dtype. LoRA only (the adapter
+    is a plain PEFT adapter of the unquantized base, and export merges into that base); one whole 4-bit
+    copy per process (plain data parallel, no DeepSpeed). Needs `pip install -e ".[qlora]"`."""
     kind: Literal["sft", "dpo"] = "sft"
     """Which pass the recipe is for; `python -m finetune.sft` refuses a `dpo` recipe and vice versa."""
     tokenizer: str | None = None
@@ -331,8 +338,32 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError(f"{src}: stop_after_steps must be >= 1, got {recipe.stop_after_steps}")
     if recipe.kind == "sft" and recipe.dpo.sft_adapter is not None:
         raise RecipeError(f"{src}: dpo.sft_adapter belongs in a DPO recipe")
+    if recipe.quantization != "none":
+        _validate_quantization(recipe)
     if recipe.kind == "dpo" and recipe.lora.method == "full":
         raise RecipeError(f"{src}: lora.method: full is not supported for DPO (the reference would be a copy)")
+
+
+def _validate_quantization(recipe: Recipe) -> None:
+    src, what = recipe.source, f"quantization: {recipe.quantization}"
+    if recipe.lora.method == "full":
+        raise RecipeError(f"{src}: {what} needs lora.method: lora (4-bit weights cannot train); "
+                          "use quantization: none for full training")
+    if recipe.lora.expert_kernel != "routed":
+        raise RecipeError(f"{src}: {what} needs lora.expert_kernel: routed (PEFT's expert path rebuilds every "
+                          "expert's 16-bit weight on each forward, which is what 4-bit is meant to avoid)")
+    if recipe.launch is not None and uses_deepspeed(recipe.launch):
+        raise RecipeError(f"{src}: {what} does not run under DeepSpeed (launch={recipe.launch}): ZeRO cannot "
+                          "partition or broadcast the 4-bit expert stacks. Use one whole 4-bit copy per GPU: "
+                          "launch: recipes/accelerate/single.yaml, or recipes/accelerate/ddp.yaml for several GPUs")
+
+
+def uses_deepspeed(launch: str | Path) -> bool:
+    """Whether an accelerate config runs DeepSpeed."""
+    config = parse_yaml(Path(launch).read_text())
+    if not isinstance(config, dict):
+        return False
+    return str(config.get("distributed_type", "")).upper() == "DEEPSPEED" or bool(config.get("deepspeed_config"))
 
 
 def to_dict(recipe: Recipe) -> dict:

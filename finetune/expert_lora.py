@@ -26,6 +26,7 @@ import types
 import torch
 from torch import nn
 
+from finetune.nf4 import NF4ExpertStack
 from finetune.private_apis import transformers_grouped_mm
 
 # transformers' dispatcher: the grouped-mm kernels where they exist, its own fallback elsewhere.
@@ -53,45 +54,51 @@ def _factors(wrapper, adapter: str, experts: int) -> tuple[torch.Tensor, torch.T
 
 
 class _RoutedExpertLinear(torch.autograd.Function):
-    """One expert projection over the rows sorted by expert: x W_e^T + s (x A_e^T) B_e^T.
+    """One expert projection over the rows sorted by expert: x W_e^T (+ s (x A_e^T) B_e^T with LoRA).
 
     x is built from a tensor that exists anyway: the layer input gathered by `rows` (gate_up), or
     act(gate) * up of the gate_up output (down, `act_fn` given). Forward: the frozen part as one grouped
-    matmul, LoRA added in place per expert. Saved: that source tensor, the indices and the thin
-    (rows, r) products, never x itself. Backward: per expert, x is rebuilt and the input gradient of
-    the frozen and the LoRA part accumulated in one buffer, so LoRA adds no tensor of the size of the
-    routed tokens or of the expert hidden states, forward or backward (autograd over the same maths
-    keeps x and builds a separate input gradient for each part)."""
+    matmul (a 4-bit stack: expert by expert, each dequantized just before its matmul), LoRA added in place
+    per expert. Saved: that source tensor, the indices and the thin (rows, r) products, never x itself nor
+    a dequantized weight. Backward: per expert, x and (4-bit) W_e are rebuilt and the input gradient of the
+    frozen and the LoRA part accumulated in one buffer, so LoRA adds no tensor of the size of the routed
+    tokens or of the expert hidden states, and a 4-bit stack adds at most one expert's weight in the
+    compute dtype, forward or backward (autograd over the same maths keeps x, every dequantized W_e, and
+    builds a separate input gradient for each part)."""
 
     @staticmethod
-    def forward(ctx, source, weight_t, a_t, b_t, rows, offsets, bounds, scale, act_fn):
-        ctx.bounds, ctx.scale, ctx.act_fn = bounds, scale, act_fn
+    def forward(ctx, source, stack, a_t, b_t, rows, offsets, bounds, scale, act_fn):
+        ctx.bounds, ctx.scale, ctx.act_fn, ctx.stack = bounds, scale, act_fn, stack
         x = _input_rows(source, rows, act_fn)
-        out = grouped_mm(x, weight_t, offsets)
-        thin = out.new_empty(out.shape[0], a_t.shape[-1])
-        for expert, (start, end) in enumerate(ctx.bounds):
-            if end > start:
-                torch.mm(x[start:end], a_t[expert].to(x.dtype), out=thin[start:end])
-                out[start:end].addmm_(thin[start:end], b_t[expert].to(out.dtype), alpha=scale)
+        out = _frozen_product(x, stack, offsets, bounds)
+        thin = None
+        if a_t is not None:
+            thin = out.new_empty(out.shape[0], a_t.shape[-1])
+            for expert, (start, end) in enumerate(ctx.bounds):
+                if end > start:
+                    torch.mm(x[start:end], a_t[expert].to(x.dtype), out=thin[start:end])
+                    out[start:end].addmm_(thin[start:end], b_t[expert].to(out.dtype), alpha=scale)
         ctx.gather = rows is not None
-        ctx.save_for_backward(source, weight_t, a_t, b_t, rows if ctx.gather else offsets, thin)
+        ctx.save_for_backward(source, a_t, b_t, rows if ctx.gather else offsets, thin)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        source, weight_t, a_t, b_t, rows, thin = ctx.saved_tensors
-        scale, act_fn = ctx.scale, ctx.act_fn
-        grad_a, grad_b = torch.zeros_like(a_t), torch.zeros_like(b_t)
+        source, a_t, b_t, rows, thin = ctx.saved_tensors
+        scale, act_fn, lora = ctx.scale, ctx.act_fn, a_t is not None
+        grad_a, grad_b = (torch.zeros_like(a_t), torch.zeros_like(b_t)) if lora else (None, None)
         grad_source = torch.zeros_like(source)
         for expert, (start, end) in enumerate(ctx.bounds):
             if end == start:
                 continue  # an expert with no tokens: zero LoRA gradient, as with PEFT
             g = grad[start:end]
-            grad_b[expert] = (thin[start:end].T @ g).to(grad_b.dtype) * scale
-            g_thin = (g @ b_t[expert].to(g.dtype).T) * scale  # (rows, r)
-            grad_x = torch.addmm(g @ weight_t[expert].to(g.dtype).T, g_thin, a_t[expert].to(g.dtype).T)
+            grad_x = g @ expert_matrix(ctx.stack, expert, g.dtype)
+            if lora:
+                grad_b[expert] = (thin[start:end].T @ g).to(grad_b.dtype) * scale
+                g_thin = (g @ b_t[expert].to(g.dtype).T) * scale  # (rows, r)
+                grad_x.addmm_(g_thin, a_t[expert].to(g.dtype).T)
             if ctx.gather:
-                x = source[rows[start:end]]
+                x = source[rows[start:end]] if lora else None
                 grad_source.index_add_(0, rows[start:end], grad_x.to(grad_source.dtype))
             else:  # through act(gate) * up, for this expert's rows only
                 with torch.enable_grad():
@@ -99,8 +106,32 @@ class _RoutedExpertLinear(torch.autograd.Function):
                     x = _input_rows(part, None, act_fn)
                 grad_source[start:end] = torch.autograd.grad(x, part, grad_x)[0]
                 x = x.detach()
-            grad_a[expert] = (x.T @ g_thin).to(grad_a.dtype)
+            if lora:
+                grad_a[expert] = (x.T @ g_thin).to(grad_a.dtype)
         return grad_source, None, grad_a, grad_b, None, None, None, None, None
+
+
+def expert_matrix(stack: torch.Tensor, expert: int, dtype: torch.dtype) -> torch.Tensor:
+    """Expert `expert`'s frozen matrix [out, in] in `dtype` (a 4-bit stack dequantizes it, alone)."""
+    if isinstance(stack, NF4ExpertStack):
+        return stack.expert(expert, dtype)
+    return stack[expert].to(dtype)
+
+
+def _frozen_product(x, stack, offsets, bounds) -> torch.Tensor:
+    """x_e W_e^T for the rows of every expert e."""
+    if not isinstance(stack, NF4ExpertStack):
+        return grouped_mm(x, stack.transpose(1, 2), offsets)
+    out = x.new_empty(x.shape[0], stack.shape[1])
+    for expert, (start, end) in enumerate(bounds):
+        if end > start:
+            torch.mm(x[start:end], expert_matrix(stack, expert, x.dtype).T, out=out[start:end])
+    return out
+
+
+def _project(source, stack, lora, rows, offsets, bounds, act_fn) -> torch.Tensor:
+    a_t, b_t, scale = lora if lora is not None else (None, None, 0.0)
+    return _RoutedExpertLinear.apply(source, stack, a_t, b_t, rows, offsets, bounds, scale, act_fn)
 
 
 def _input_rows(source, rows, act_fn):
@@ -112,7 +143,8 @@ def _input_rows(source, rows, act_fn):
 
 def routed_experts_forward(experts: nn.Module, hidden_states, top_k_index, top_k_weights,
                            gate_up_lora=None, down_lora=None) -> torch.Tensor:
-    """The Mixtral experts with optional LoRA factors (A^T, B^T, scale) per projection (None = frozen)."""
+    """The Mixtral experts with optional LoRA factors (A^T, B^T, scale) per projection (None = frozen).
+    The stacks may be dense or 4-bit (finetune/nf4.py)."""
     num_tokens, hidden = hidden_states.shape
     top_k = top_k_index.shape[-1]
     expert_ids, order = torch.sort(top_k_index.reshape(-1))
@@ -120,21 +152,30 @@ def routed_experts_forward(experts: nn.Module, hidden_states, top_k_index, top_k
     offsets = torch.cumsum(torch.bincount(expert_ids, minlength=experts.num_experts), 0).to(torch.int32)
     counts = offsets.tolist()  # one host sync per layer, shared by both projections
     bounds = list(zip([0] + counts[:-1], counts))
-    if gate_up_lora is None:
-        gate_up = grouped_mm(hidden_states[rows], experts.gate_up_proj.transpose(1, 2), offsets)
+    gate_up_stack, down_stack = experts.gate_up_proj, experts.down_proj
+    if gate_up_lora is None and not isinstance(gate_up_stack, NF4ExpertStack):
+        gate_up = grouped_mm(hidden_states[rows], gate_up_stack.transpose(1, 2), offsets)
     else:
-        gate_up = _RoutedExpertLinear.apply(hidden_states, experts.gate_up_proj.transpose(1, 2), *gate_up_lora[:2],
-                                            rows, offsets, bounds, gate_up_lora[2], None)
-    if down_lora is None:
+        gate_up = _project(hidden_states, gate_up_stack, gate_up_lora, rows, offsets, bounds, None)
+    if down_lora is None and not isinstance(down_stack, NF4ExpertStack):
         gate, up = gate_up.chunk(2, dim=-1)
-        out = grouped_mm(experts.act_fn(gate) * up, experts.down_proj.transpose(1, 2), offsets)
+        out = grouped_mm(experts.act_fn(gate) * up, down_stack.transpose(1, 2), offsets)
     else:
-        out = _RoutedExpertLinear.apply(gate_up, experts.down_proj.transpose(1, 2), *down_lora[:2], None, offsets,
-                                        bounds, down_lora[2], experts.act_fn)
+        out = _project(gate_up, down_stack, down_lora, None, offsets, bounds, experts.act_fn)
     out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
     # Back to token order, then sum each token's k expert outputs (fp32 like transformers' reduction).
     unsorted = torch.empty_like(out).index_copy_(0, order, out)
     return unsorted.view(num_tokens, top_k, hidden).float().sum(1).to(hidden_states.dtype)
+
+
+def _experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    return routed_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+def route_experts(experts: nn.Module) -> None:
+    """Run an experts module (with no LoRA of its own) through `routed_experts_forward`: how 4-bit stacks
+    run, and where PEFT's wrapper falls back to its base layer (adapters disabled, e.g. a reference pass)."""
+    experts.forward = types.MethodType(_experts_forward, experts)
 
 
 def _wrapper_stack(module: nn.Module) -> tuple[dict, nn.Module]:

@@ -21,11 +21,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from finetune.checkpoint_layout import STACKS, dense_keys, expert_matrices, stack_shape
 from finetune.errors import CheckFailed
 from finetune.safetensors_files import CheckpointFiles, SafetensorsFile
 
 ADAPTER_PREFIX = "base_model.model."
-ORIGINAL_EXPERT = re.compile(r"^block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
 OUTSIDE_LAYERS = ("model.embed_tokens.", "model.norm.", "lm_head.")
 
 
@@ -34,30 +34,13 @@ class MergeCheckError(CheckFailed):
 
 
 def layer_state(checkpoint: CheckpointFiles, layer: int, config) -> dict[str, torch.Tensor]:
-    """One decoder layer's tensors, named as `MixtralDecoderLayer` names them (transformers 5's fused
-    experts), from either layout: per-expert w1/w3/w2 are copied into the fused stacks one at a time."""
-    prefix = f"model.layers.{layer}."
-    experts, hidden, inter = config.num_local_experts, config.hidden_size, config.intermediate_size
-    state: dict[str, torch.Tensor] = {}
-    stacks: dict[str, torch.Tensor] = {}
-
-    for key in checkpoint.keys_under(prefix):
-        tensor = checkpoint.get(key).float()
-        name = key[len(prefix):]
-        expert = ORIGINAL_EXPERT.match(name)
-        if expert is None:
-            state[name.replace("block_sparse_moe.gate.", "mlp.gate.")] = tensor
-            continue
-        index, which = int(expert.group(1)), expert.group(2)
-        if which == "w2":
-            stack = stacks.setdefault("down", torch.empty(experts, hidden, inter))
-            stack[index] = tensor
-        else:  # gate rows first, then up: transformers' gate_up_proj
-            stack = stacks.setdefault("gate_up", torch.empty(experts, 2 * inter, hidden))
-            stack[index, slice(None, inter) if which == "w1" else slice(inter, None)] = tensor
-        del tensor
-    if stacks:
-        state["mlp.experts.gate_up_proj"], state["mlp.experts.down_proj"] = stacks["gate_up"], stacks["down"]
+    """One decoder layer's fp32 tensors, named as `MixtralDecoderLayer` names them, from either layout."""
+    state = {name: checkpoint.get(key).float() for name, key in dense_keys(checkpoint, layer).items()}
+    for stack in STACKS:
+        shape = stack_shape(stack, config)
+        state[f"mlp.experts.{stack}"] = fused = torch.empty(shape)
+        for expert, matrix in enumerate(expert_matrices(checkpoint, layer, stack, shape[0])):
+            fused[expert] = matrix
     return state
 
 

@@ -107,10 +107,17 @@ def check_sft_adapter(recipe: Recipe) -> None:
 
 
 def load_base_model(recipe: Recipe, dtype: torch.dtype | None = None):
+    """The recipe's base model, frozen parts in 4-bit when `quantization: nf4` (finetune/quantized_base.py)."""
     from transformers import AutoModelForCausalLM
 
+    dtype = dtype or training_dtype(recipe)
     try:
-        model = AutoModelForCausalLM.from_pretrained(recipe.model, dtype=dtype or training_dtype(recipe))
+        if recipe.quantization == "nf4":
+            from finetune.quantized_base import load_quantized_model
+
+            model = load_quantized_model(recipe, dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(recipe.model, dtype=dtype)
     except OSError as err:
         raise RecipeError(f"{recipe.source}: cannot load model {recipe.model!r}: {err}") from None
     if not moe_blocks(model):

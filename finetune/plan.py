@@ -38,6 +38,7 @@ KNOWN_CONFIGS = {
 }
 KNOWN_CONFIGS["mistralai/Mixtral-8x7B-Instruct-v0.1"] = KNOWN_CONFIGS["mistralai/Mixtral-8x7B-v0.1"]
 GPU_RUNTIME_BYTES = 1.5 * GIB  # CUDA context, NCCL buffers, allocator slack
+ONE_GPU_SIZES = (80, 48)  # GiB: the verdicts a 4-bit recipe gets without --gpu-memory (an 80 and a 48 GB GPU)
 
 
 @dataclass
@@ -45,6 +46,9 @@ class Counts:
     total: int
     trainable: int
     largest_block: int  # parameters of the largest sparse MoE block (gathered as one ZeRO-3 leaf)
+    quantizable: int = 0  # frozen weights `quantization: nf4` stores in 4 bits (attention projections, experts)
+    quantized_bytes: float = 0.0  # what those take in 4 bits, with their block scales
+    largest_expert_matrix: int = 0  # one expert's gate_up matrix: what a 4-bit layer dequantizes at a time
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,8 @@ class Setup:
     max_reuse_distance: float = 1e9
     """DeepSpeed's stage3_max_reuse_distance: a gathered parameter used again within this many parameters is
     kept gathered. Under gradient checkpointing a model smaller than this keeps every parameter gathered."""
+    quantization: str = "none"
+    """The recipe's `quantization`: `nf4` stores attention and expert weights in 4 bits (no DeepSpeed)."""
 
     @property
     def world(self) -> int:
@@ -111,15 +117,22 @@ def count_parameters(recipe: Recipe, config) -> Counts:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from finetune.model import apply_method, trainable_counts
+    from finetune.model import apply_method, group_of, trainable_counts
     from finetune.moe import moe_blocks
+    from finetune.nf4 import EXPERT_BYTES_PER_WEIGHT, LINEAR_BYTES_PER_WEIGHT
 
     with init_empty_weights():
-        model = apply_method(AutoModelForCausalLM.from_config(config), recipe)
+        base = AutoModelForCausalLM.from_config(config)
+    attention = sum(m.weight.numel() for n, m in base.named_modules() if group_of(n + ".") == "attention"
+                    and isinstance(m, torch.nn.Linear))
+    experts = sum(p.numel() for n, p in base.named_parameters() if group_of(n) == "experts")
+    model = apply_method(base, recipe)
     trainable, total = trainable_counts(model)
     blocks = moe_blocks(model)
     largest = max(sum(p.numel() for p in b.parameters()) for b in blocks) if blocks else 0
-    return Counts(sum(total.values()), sum(trainable.values()), largest)
+    return Counts(sum(total.values()), sum(trainable.values()), largest, attention + experts,
+                  attention * LINEAR_BYTES_PER_WEIGHT + experts * EXPERT_BYTES_PER_WEIGHT,
+                  2 * config.intermediate_size * config.hidden_size)
 
 
 def zero_settings(recipe: Recipe, zero: int | None, offload: bool | None) -> tuple[int, bool, bool, dict]:
@@ -162,9 +175,18 @@ def estimate(recipe: Recipe, config, counts: Counts, setup: Setup, device: str) 
     weight_bytes = 2 if gpu else 4  # bf16 on GPUs; the CPU trains in fp32
     state_bytes = 16 if gpu else 12  # per trained parameter: fp32 master, fp32 grads, Adam m and v (CPU: no master)
     plan = Plan()
-    weights = 0 if off_param else counts.total * weight_bytes / (world if stage == 3 else 1)
-    how = ("bf16" if gpu else "fp32") + (f", sharded /{world}" if stage == 3 else "") + (", offloaded" if off_param else "")
-    plan.rows.append((f"weights ({how})", weights))
+    dtype_name = "bf16" if gpu else "fp32"
+    if setup.quantization != "none":
+        rest = counts.total - counts.quantizable
+        weights = counts.quantized_bytes + rest * weight_bytes
+        plan.rows.append((f"weights ({counts.quantizable / 1e9:.2f} B in 4-bit NF4, {rest / 1e9:.2f} B {dtype_name})",
+                          weights))
+        plan.rows.append(("4-bit: one expert's matrix dequantized for its matmul",
+                          counts.largest_expert_matrix * weight_bytes))
+    else:
+        weights = 0 if off_param else counts.total * weight_bytes / (world if stage == 3 else 1)
+        how = dtype_name + (f", sharded /{world}" if stage == 3 else "") + (", offloaded" if off_param else "")
+        plan.rows.append((f"weights ({how})", weights))
     states = 0 if off_opt else counts.trainable * state_bytes / (world if stage >= 1 else 1)
     how = f"{counts.trainable:,} params" + (f", sharded /{world}" if stage >= 1 else "") + (", offloaded" if off_opt else "")
     plan.rows.append((f"trained: grads, master, Adam ({how})", states))
@@ -232,10 +254,10 @@ def render(recipe, source, counts, plan, args, setup: Setup, ds) -> str:
     ]
     lines += [f"  {what:<60} {size / GIB:8.2f}" for what, size in plan.rows]
     lines.append(f"  {'total':<60} {plan.total / GIB:8.2f}")
-    if args.gpu_memory:
-        verdict = "fits" if plan.total <= args.gpu_memory * GIB else "DOES NOT FIT"
-        lines.append(f"  of {args.gpu_memory:g} GiB per {device_word}: {verdict} "
-                     f"({100 * plan.total / (args.gpu_memory * GIB):.0f}% used)")
+    sizes = [args.gpu_memory] if args.gpu_memory else ONE_GPU_SIZES if setup.quantization != "none" else []
+    for size in sizes:
+        verdict = "fits" if plan.total <= size * GIB else "DOES NOT FIT"
+        lines.append(f"  of {size:g} GiB per {device_word}: {verdict} ({100 * plan.total / (size * GIB):.0f}% used)")
     if plan.cpu_bytes_per_node:
         lines.append(f"CPU memory per node for offloaded states: {plan.cpu_bytes_per_node / GIB:.2f} GiB")
     if plan.loading_bytes:
@@ -284,10 +306,13 @@ def main(argv: list[str] | None = None) -> int:
     config, source = load_model_config(recipe.model)
     counts = count_parameters(recipe, config)
     stage, off_opt, off_param, ds_settings = zero_settings(recipe, args.zero, args.offload)
+    if recipe.quantization != "none" and (stage or off_opt or off_param):
+        raise InputError(f"--zero {stage} / --offload: quantization: {recipe.quantization} runs without DeepSpeed "
+                         "(one whole 4-bit copy per GPU); leave them out or use --zero 0 --no-offload")
     setup = Setup(args.gpus, args.nodes, stage, off_opt, off_param, recipe.data.max_length,
                   recipe.train.get("per_device_train_batch_size", 8), recipe.train.get("gradient_accumulation_steps", 1),
                   float(ds_settings.get("stage3_max_live_parameters", 1e9)),
-                  float(ds_settings.get("stage3_max_reuse_distance", 1e9)))
+                  float(ds_settings.get("stage3_max_reuse_distance", 1e9)), recipe.quantization)
     plan = estimate(recipe, config, counts, setup, args.device)
     ds = deepspeed_estimate(counts, args.gpus, args.nodes, stage, off_opt, off_param) if args.device == "gpu" else None
     print(render(recipe, source, counts, plan, args, setup, ds))

@@ -1,10 +1,10 @@
 """What fits instead, when `finetune.plan` says DOES NOT FIT: the nearest changes that do, each planned again.
 
-Each axis that lowers memory per device (more devices, ZeRO-3, ZeRO-3 with offload, a smaller micro-batch at
-the same global batch, a shorter `data.max_length`) is walked from the nearest setup outwards, and the first
-setup that fits is kept. When no single change fits, pairs of changes are tried. Every suggestion is printed
-with the `finetune.plan` command that plans it, so it can be checked, and a test does exactly that.
-(A 4-bit base is not offered: this toolkit does not train on one yet.)
+Each axis that lowers memory per device (more devices, ZeRO-3, ZeRO-3 with offload, a 4-bit base, a smaller
+micro-batch at the same global batch, a shorter `data.max_length`) is walked from the nearest setup outwards,
+and the first setup that fits is kept. When no single change fits, pairs of changes are tried. Every
+suggestion is printed with the `finetune.plan` command that plans it, so it can be checked, and a test does
+exactly that. A 4-bit base runs without DeepSpeed, so it is never combined with ZeRO or more devices.
 """
 
 from __future__ import annotations
@@ -31,11 +31,14 @@ def axes(setup: Setup) -> dict[str, list[Setup]]:
     while batch >= 1:  # the same global batch, through more accumulation steps
         smaller.append(replace(setup, micro_batch=batch, accumulation=setup.accumulation * setup.micro_batch // batch))
         batch //= 2
+    if setup.quantization != "none":  # one whole 4-bit copy per GPU: only the activations can shrink
+        return {"micro_batch": smaller, "max_length": shorter}
     return {
         "devices": more_devices,
         "zero3": [replace(setup, stage=3)] if setup.stage < 3 else [],
         "offload": [replace(setup, stage=3, offload_optimizer=True, offload_parameters=True)]
         if not (setup.stage == 3 and setup.offload_optimizer and setup.offload_parameters) else [],
+        "nf4": [replace(setup, stage=0, offload_optimizer=False, offload_parameters=False, quantization="nf4")],
         "micro_batch": smaller,
         "max_length": shorter,
     }
@@ -57,6 +60,9 @@ def fitting_setups(setup: Setup, fits, limit: int = 5) -> list[Setup]:
 def plan_command(args, old: Setup, setup: Setup) -> str:
     """The `finetune.plan` call that plans `setup`: the recipe values it changes as dotted overrides."""
     changed = {}
+    if setup.quantization != old.quantization:
+        changed["quantization"] = setup.quantization
+        changed["launch"] = "recipes/accelerate/single.yaml" if setup.world == 1 else "recipes/accelerate/ddp.yaml"
     if setup.max_length != old.max_length:
         changed["data.max_length"] = setup.max_length
     if setup.micro_batch != old.micro_batch:
@@ -75,7 +81,10 @@ def changes(old: Setup, new: Setup) -> str:
     said = []
     if new.world != old.world:
         said.append(f"{new.world} devices ({new.nodes} node(s) x {new.gpus})")
-    if (new.stage, new.offload_parameters) != (old.stage, old.offload_parameters):
+    if new.quantization != old.quantization:
+        said.append(f"a 4-bit base (quantization={new.quantization}, a whole copy per GPU, no DeepSpeed; "
+                    "recipes/sft_qlora.yaml)")
+    elif (new.stage, new.offload_parameters) != (old.stage, old.offload_parameters):
         said.append("ZeRO-3 with optimizer and parameters offloaded to CPU (recipes/accelerate/zero3_offload.yaml)"
                     if new.offload_parameters else f"ZeRO-{new.stage} (recipes/accelerate/zero3.yaml)")
     if new.micro_batch != old.micro_batch:

@@ -25,6 +25,9 @@ USED = {
     "elsewhere finetune/lm_head.py replaces the slow fallback",
     "transformers.integrations.moe._grouped_mm(input, weight, offs)": "transformers' own choice between "
     "torch's grouped_mm kernels (where they support the device and dtype) and its fallback",
+    "torch DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)": "keep the 4-bit "
+    "expert stacks out of DDP's start-up broadcast, which cannot send them (every rank quantized the same "
+    "checkpoint, and they never train)",
     "torch._C._current_graph_task_id()": "whether a forward is a gradient-checkpointing recompute inside backward, "
     "so router logits are not collected twice",
 }
@@ -43,6 +46,12 @@ def transformers_grouped_mm():
     except ImportError:
         return None
     return _grouped_mm
+
+
+def ddp_ignore_parameters(model: torch.nn.Module, names: list[str]) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
 
 
 def in_backward() -> bool:
@@ -81,4 +90,11 @@ def problems() -> list[str]:
         in_backward()
     except AttributeError:
         found.append("torch._C._current_graph_task_id is gone")
+    from torch.nn.parallel import DistributedDataParallel
+
+    setter = getattr(DistributedDataParallel, "_set_params_and_buffers_to_ignore_for_model", None)
+    if setter is None:
+        found.append("torch DistributedDataParallel._set_params_and_buffers_to_ignore_for_model is gone")
+    elif "_ddp_params_and_buffers_to_ignore" not in inspect.getsource(DistributedDataParallel.__init__):
+        found.append("torch DistributedDataParallel no longer reads module._ddp_params_and_buffers_to_ignore")
     return found

@@ -116,6 +116,7 @@ def build_pass(recipe: Recipe, args, trainer_class, load_model):
     from transformers import set_seed
 
     from finetune.chat_format import encoder_for
+    from finetune.nf4 import keep_out_of_ddp
 
     # Data: Mixtral-Instruct token ids (SFT: labels on the replies; DPO: prompt and reply ids).
     encoder = encoder_for(recipe)
@@ -124,6 +125,7 @@ def build_pass(recipe: Recipe, args, trainer_class, load_model):
     # Model. Seeded first: PEFT draws the initialisation of a fresh LoRA adapter from the global RNG.
     set_seed(args.seed)
     model = load_model(recipe)
+    keep_out_of_ddp(model)  # 4-bit expert stacks, if any: DDP cannot broadcast them, and need not
     announce(model, recipe, args, data)
     trainer = trainer_class(model=model, args=args, **trainer_inputs(recipe, data, encoder))
     return trainer, encoder

@@ -53,15 +53,22 @@ class SafetensorsFile:
     def dtype(self, key: str) -> torch.dtype:
         return DTYPES[self.entries[key]["dtype"]]
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, index: int | None = None) -> torch.Tensor:
+        """The tensor `key`, or only its slice `index` along the first dimension (one expert of a stack)."""
         if key not in self.entries:
             raise SafetensorsError(f"{self.path}: no tensor {key}")
         entry = self.entries[key]
         start, end = entry["data_offsets"]
-        tensor = torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]])
+        shape = entry["shape"]
+        if index is not None:
+            if not shape or not 0 <= index < shape[0]:
+                raise SafetensorsError(f"{self.path}: {key} of shape {shape} has no slice {index}")
+            size = (end - start) // shape[0]
+            start, end, shape = start + index * size, start + (index + 1) * size, shape[1:]
+        tensor = torch.empty(shape, dtype=DTYPES[entry["dtype"]])
         buffer = tensor.view(-1).view(torch.uint8).numpy() if tensor.numel() else None
         if buffer is not None and buffer.nbytes != end - start:
-            raise SafetensorsError(f"{self.path}: {key} has {end - start} bytes for shape {entry['shape']}")
+            raise SafetensorsError(f"{self.path}: {key} has {end - start} bytes for shape {shape}")
         with self.path.open("rb") as f:
             f.seek(self._data_start + start)
             if buffer is not None and f.readinto(buffer) != end - start:
@@ -91,10 +98,10 @@ class CheckpointFiles:
     def keys_under(self, prefix: str) -> list[str]:
         return [key for key in self.where if key.startswith(prefix)]
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, index: int | None = None) -> torch.Tensor:
         if key not in self.where:
             raise SafetensorsError(f"{self.folder}: no tensor {key} in the checkpoint")
-        return self.file(self.where[key]).get(key)
+        return self.file(self.where[key]).get(key, index)
 
 
 def allocate_large_tensors_with_mmap() -> None:

@@ -1,5 +1,5 @@
 """ZeRO-3 over 2 CPU processes (DeepSpeed's CPU accelerator, gloo): sharding, saving, equality with one
-process, router losses, no hang with different routing, DPO, resume."""
+process, router losses, no hang with different routing, DPO, resume. And plain DDP with a 4-bit base."""
 
 import json
 import os
@@ -90,19 +90,36 @@ def test_zero3_adapter_has_full_shapes_and_logs_router_loss(zero3_aux_on, tiny_m
 
 
 def test_zero3_matches_single_process_with_same_global_batch(tiny_model_dir, four_rows, tmp_path):
-    from finetune.sft import main as sft_main
-
     common = ["moe.aux_loss_coef=0"]  # a per-rank mean: not additive over ranks
     sharded = tmp_path / "zero3"
     launch("sft", "recipes/tiny/sft.yaml", overrides_for(tiny_model_dir, sharded, four_rows, *common, per_device_train_batch_size=2))
-    single = tmp_path / "single"
-    assert sft_main(["recipes/tiny/sft.yaml", *overrides_for(tiny_model_dir, single, four_rows, *common, per_device_train_batch_size=4)]) == 0
-    a, b = load_file(sharded / "adapter_model.safetensors"), load_file(single / "adapter_model.safetensors")
+    assert_same_as_one_process(sharded, tiny_model_dir, four_rows, common, tmp_path / "single")
+
+
+def assert_same_as_one_process(launched, model_dir, data, common, single):
+    """The 2-process run (micro-batch 2) trained what one process with micro-batch 4 trains."""
+    from finetune.sft import main as sft_main
+
+    assert sft_main(["recipes/tiny/sft.yaml", *overrides_for(model_dir, single, data, *common, per_device_train_batch_size=4)]) == 0
+    a, b = load_file(launched / "adapter_model.safetensors"), load_file(single / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5, msg=key)
     losses = lambda out: [h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]  # noqa: E731
-    assert losses(sharded) == pytest.approx(losses(single), rel=1e-4)
+    assert losses(launched) == pytest.approx(losses(single), rel=1e-4)
+
+
+def test_ddp_with_a_4bit_base_matches_single_process_with_same_global_batch(tiny_model_dir, four_rows, tmp_path):
+    """Each rank holds a whole 4-bit copy (recipes/accelerate/cpu_ddp.yaml: 2 processes, gloo)."""
+    common = ["moe.aux_loss_coef=0", "quantization=nf4"]
+    ddp = tmp_path / "ddp"
+    command = ["accelerate", "launch", "--config_file", "recipes/accelerate/cpu_ddp.yaml", "-m", "finetune.sft",
+               "recipes/tiny/sft.yaml", *overrides_for(tiny_model_dir, ddp, four_rows, *common, per_device_train_batch_size=2)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "x 2 processes = 4 sequences per optimizer step" in proc.stdout
+    assert_same_as_one_process(ddp, tiny_model_dir, four_rows, common, tmp_path / "single")
 
 
 def test_zero3_resume_reproduces_uninterrupted_losses(tiny_model_dir, four_rows, zero3_aux_on, tmp_path):

@@ -91,9 +91,11 @@ def suggestions(output: str) -> list[tuple[str, float, list[str]]]:
 
 @pytest.mark.parametrize("argv, expected", [
     # One 80 GB GPU: the 47B weights alone do not fit. Offload, or a second GPU.
-    (["--gpus", "1", "--gpu-memory", "80"], ["offloaded to CPU", "2 devices (1 node(s) x 2)"]),
-    # Eight GPUs without ZeRO: every GPU holds every weight; ZeRO-3 shards them.
-    (["--gpus", "8", "--zero", "0", "--gpu-memory", "80"], ["ZeRO-3 (recipes", "offloaded to CPU"]),
+    (["--gpus", "1", "--gpu-memory", "80"], ["a 4-bit base (quantization=nf4", "offloaded to CPU",
+                                             "2 devices (1 node(s) x 2)"]),
+    # Eight GPUs without ZeRO: every GPU holds every weight; ZeRO-3 shards them, or 4 bits shrink them.
+    (["--gpus", "8", "--zero", "0", "--gpu-memory", "80"], ["a 4-bit base (quantization=nf4", "ZeRO-3 (recipes",
+                                                            "offloaded to CPU"]),
     # Nothing alone is enough (offload still holds 4 sequences of 4096 tokens): pairs of changes.
     (["--gpus", "1", "--gpu-memory", "12", "train.per_device_train_batch_size=4"],
      ["offloaded to CPU (recipes/accelerate/zero3_offload.yaml) + micro-batch 2 with 32 accumulation steps",
@@ -121,3 +123,24 @@ def test_nothing_fitting_is_said_plainly(capsys, repo_root, monkeypatch):
     output = plan_output(["recipes/sft.yaml", "--gpus", "1", "--gpu-memory", "4"], capsys)
     assert "DOES NOT FIT" in output and "nearest setups" not in output
     assert "nothing within 64 nodes, ZeRO-3 with offload, micro-batch 1 and data.max_length 256 fits in 4 GiB" in output
+
+
+@pytest.mark.parametrize("recipe", ["recipes/sft_qlora.yaml", "recipes/dpo_qlora.yaml"])
+def test_qlora_recipe_headers_state_what_the_plan_says(repo_root, recipe):
+    """Mixtral 8x7B with a 4-bit base on one GPU: the verdicts for 80 and 48 GiB, as each header states them."""
+    out = run_plan(repo_root, recipe)
+    header = (repo_root / recipe).read_text()
+    stated_total = float(re.search(r"says: ([0-9.]+) GiB per GPU", header).group(1))
+    assert row(out, "total") == pytest.approx(stated_total, abs=0.05)
+    for size in (80, 48):
+        used = re.search(rf"of {size} GiB per GPU: fits \(([0-9]+)% used\)", out)
+        assert used, out
+        assert f"one {size} GB GPU ({used.group(1)}% used)" in header
+    weights = row(out, "weights (46.44 B in 4-bit NF4")
+    assert 23 <= weights <= 26  # Mixtral 8x7B's 4-bit weights with their scales, the rest in bf16
+
+
+def test_a_4bit_recipe_is_not_planned_under_zero(repo_root):
+    proc = subprocess.run([sys.executable, "-m", "finetune.plan", "recipes/sft_qlora.yaml", "--zero", "3"],
+                          cwd=repo_root, capture_output=True, text=True)
+    assert proc.returncode == 2 and "runs without DeepSpeed" in proc.stderr

@@ -2,7 +2,13 @@
 
 import torch
 
-from finetune.private_apis import USED, in_backward, problems, transformers_grouped_mm
+from finetune.private_apis import (
+    USED,
+    ddp_ignore_parameters,
+    in_backward,
+    problems,
+    transformers_grouped_mm,
+)
 
 
 def test_every_private_api_is_still_there_as_used():
@@ -23,4 +29,8 @@ def test_each_seam_still_does_its_job():
     (leaf * 2).sum().backward()
     hook.remove()
     assert seen == [True] and in_backward() is False
-    assert len(USED) == 7  # each named once, with its reason
+    # DDP leaves the named parameters out of its start-up broadcast.
+    model = torch.nn.Linear(2, 2)
+    ddp_ignore_parameters(model, ["weight"])
+    assert model._ddp_params_and_buffers_to_ignore == ["weight"] and model.weight._ddp_ignored
+    assert len(USED) == 8  # each named once, with its reason

@@ -50,7 +50,7 @@ def test_recipe_parses_and_builds(path, tiny_model_dir, tmp_path, repo_root, mon
         from finetune.sft import main as sft_main
 
         sft_dir = tmp_path / "sft"
-        sft_recipe = path.replace("dpo.yaml", "sft.yaml")
+        sft_recipe = path.replace("dpo", "sft")
         sft_overrides = tiny_overrides(tiny_model_dir, sft_dir, max_steps=1)
         sft_overrides += [f"data.train=[{{path: {LOCAL_DATA['sft']}/eval.jsonl}}]", "data.eval=[]", "data.eval_fraction=0",
                           "train.report_to=none"]
@@ -65,6 +65,9 @@ def test_recipe_parses_and_builds(path, tiny_model_dir, tmp_path, repo_root, mon
 
     trained = {group_of(n) for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert trained == set(recipe.lora.targets)
+    from finetune.nf4 import quantized_stacks
+
+    assert len(quantized_stacks(trainer.model)) == (4 if recipe.quantization == "nf4" else 0)  # 2 layers x 2 stacks
     if recipe.lora.method == "lora":
         assert trainer.model.peft_config["default"].r == recipe.lora.peft.get("r", 16)
     trainer.train()
