@@ -303,12 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpu_memory is not None and args.gpu_memory <= 0:
         raise InputError(f"--gpu-memory must be > 0 GiB, got {args.gpu_memory:g}")
     recipe = load_recipe(args.recipe, args.overrides)
-    config, source = load_model_config(recipe.model)
-    counts = count_parameters(recipe, config)
     stage, off_opt, off_param, ds_settings = zero_settings(recipe, args.zero, args.offload)
     if recipe.quantization != "none" and (stage or off_opt or off_param):
         raise InputError(f"--zero {stage} / --offload: quantization: {recipe.quantization} runs without DeepSpeed "
                          "(one whole 4-bit copy per GPU); leave them out or use --zero 0 --no-offload")
+    config, source = load_model_config(recipe.model)
+    counts = count_parameters(recipe, config)
     setup = Setup(args.gpus, args.nodes, stage, off_opt, off_param, recipe.data.max_length,
                   recipe.train.get("per_device_train_batch_size", 8), recipe.train.get("gradient_accumulation_steps", 1),
                   float(ds_settings.get("stage3_max_live_parameters", 1e9)),

@@ -1,8 +1,9 @@
 """The memory plan: exact parameter counts from the meta device, DeepSpeed's accounting, a verdict."""
 
+import contextlib
+import io
+import os
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -19,10 +20,18 @@ from finetune.plan import (
 
 
 def run_plan(repo_root, *args):
-    proc = subprocess.run([sys.executable, "-m", "finetune.plan", *map(str, args)], cwd=repo_root,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout
+    """`python -m finetune.plan ARGS` from the repository root, in this process (its libraries imported once)."""
+    from finetune.cli import run_guarded
+    from finetune.plan import main
+
+    cwd, out = os.getcwd(), io.StringIO()
+    os.chdir(repo_root)
+    try:
+        with contextlib.redirect_stdout(out):
+            assert run_guarded(main, list(map(str, args))) == 0
+    finally:
+        os.chdir(cwd)
+    return out.getvalue()
 
 
 def row(output, label):
@@ -140,7 +149,10 @@ def test_qlora_recipe_headers_state_what_the_plan_says(repo_root, recipe):
     assert 23 <= weights <= 26  # Mixtral 8x7B's 4-bit weights with their scales, the rest in bf16
 
 
-def test_a_4bit_recipe_is_not_planned_under_zero(repo_root):
-    proc = subprocess.run([sys.executable, "-m", "finetune.plan", "recipes/sft_qlora.yaml", "--zero", "3"],
-                          cwd=repo_root, capture_output=True, text=True)
-    assert proc.returncode == 2 and "runs without DeepSpeed" in proc.stderr
+def test_a_4bit_recipe_is_not_planned_under_zero(repo_root, monkeypatch, capsys):
+    from finetune.cli import run_guarded
+    from finetune.plan import main
+
+    monkeypatch.chdir(repo_root)
+    assert run_guarded(main, ["recipes/sft_qlora.yaml", "--zero", "3"]) == 2
+    assert "runs without DeepSpeed" in capsys.readouterr().err

@@ -204,12 +204,13 @@ def log_losses(out: Path) -> list[tuple[int, float]]:
     return [(h["step"], h["loss"]) for h in history if "loss" in h]
 
 
-def test_resume_continues_the_same_run(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("quantization", ["none", pytest.param("nf4", marks=pytest.mark.slow)])
+def test_resume_continues_the_same_run(tiny_model_dir, tmp_path, quantization):
     common = dict(max_steps=6, save_strategy="steps", save_steps=3, learning_rate=0.01)
     straight = tmp_path / "straight"
-    assert sft_main([RECIPE, *tiny_overrides(tiny_model_dir, straight, **common)]) == 0
+    assert sft_main([RECIPE, *tiny_overrides(tiny_model_dir, straight, **common), f"quantization={quantization}"]) == 0
     interrupted = tmp_path / "interrupted"
-    overrides = tiny_overrides(tiny_model_dir, interrupted, **common)
+    overrides = tiny_overrides(tiny_model_dir, interrupted, **common) + [f"quantization={quantization}"]
     overrides = [o for o in overrides if o != "resume=never"]
     assert sft_main([RECIPE, *overrides, "stop_after_steps=3"]) == 0
     assert [s for s, _ in log_losses(interrupted)] == [1, 2, 3]
