@@ -126,15 +126,14 @@ def merged_card(name: str, base: str, adapters: list[str]) -> str:
     base = public_name(base)
     lines = ["---", f"base_model: {base}", "library_name: transformers", "tags: [mixtral, moe, merged-lora]", "---", "",
              f"# {name}", "", f"`{base}` with these LoRA adapters merged in, in order:", ""]
-    recipes = {adapter: Path(adapter) / "recipe.yaml" for adapter in adapters}
+    files = {adapter: Path(adapter) / "recipe.yaml" for adapter in adapters}
+    recipes = {adapter: parse_yaml(f.read_text()) or {} for adapter, f in files.items() if f.is_file()}
+    for adapter in adapters:
+        lines.append(f"- `{Path(adapter).name}`" + (" (recipe below)" if adapter in recipes else ""))
     for adapter, recipe in recipes.items():
-        lines.append(f"- `{Path(adapter).name}`" + (" (recipe below)" if recipe.is_file() else ""))
-    for adapter, recipe in recipes.items():
-        if recipe.is_file():
-            shown = yaml.safe_dump(public_recipe(parse_yaml(recipe.read_text())), sort_keys=False).strip()
-            lines += ["", f"## {Path(adapter).name}", "", "```yaml", shown, "```"]
-    if any(r.is_file() and (parse_yaml(r.read_text()) or {}).get("quantization", "none") != "none"
-           for r in recipes.values()):
+        shown = yaml.safe_dump(public_recipe(recipe), sort_keys=False).strip()
+        lines += ["", f"## {Path(adapter).name}", "", "```yaml", shown, "```"]
+    if any(recipe.get("quantization", "none") != "none" for recipe in recipes.values()):
         lines += ["", "The adapters were trained on a 4-bit NF4 copy of the base (QLoRA) and are merged into the "
                   "original unquantized base, never into dequantized 4-bit weights."]
     lines += ["", "Weights are in the original Mixtral layout (`block_sparse_moe.experts.K.w1/w2/w3`)."]

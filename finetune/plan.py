@@ -48,7 +48,6 @@ class Counts:
     largest_block: int  # parameters of the largest sparse MoE block (gathered as one ZeRO-3 leaf)
     quantizable: int = 0  # frozen weights `quantization: nf4` stores in 4 bits (attention projections, experts)
     quantized_bytes: float = 0.0  # what those take in 4 bits, with their block scales
-    largest_expert_matrix: int = 0  # one expert's gate_up matrix: what a 4-bit layer dequantizes at a time
 
 
 @dataclass(frozen=True)
@@ -123,16 +122,14 @@ def count_parameters(recipe: Recipe, config) -> Counts:
 
     with init_empty_weights():
         base = AutoModelForCausalLM.from_config(config)
-    attention = sum(m.weight.numel() for n, m in base.named_modules() if group_of(n + ".") == "attention"
-                    and isinstance(m, torch.nn.Linear))
+    attention = sum(p.numel() for n, p in base.named_parameters() if group_of(n) == "attention")  # q/k/v/o
     experts = sum(p.numel() for n, p in base.named_parameters() if group_of(n) == "experts")
     model = apply_method(base, recipe)
     trainable, total = trainable_counts(model)
     blocks = moe_blocks(model)
     largest = max(sum(p.numel() for p in b.parameters()) for b in blocks) if blocks else 0
     return Counts(sum(total.values()), sum(trainable.values()), largest, attention + experts,
-                  attention * LINEAR_BYTES_PER_WEIGHT + experts * EXPERT_BYTES_PER_WEIGHT,
-                  2 * config.intermediate_size * config.hidden_size)
+                  attention * LINEAR_BYTES_PER_WEIGHT + experts * EXPERT_BYTES_PER_WEIGHT)
 
 
 def zero_settings(recipe: Recipe, zero: int | None, offload: bool | None) -> tuple[int, bool, bool, dict]:
@@ -182,7 +179,7 @@ def estimate(recipe: Recipe, config, counts: Counts, setup: Setup, device: str) 
         plan.rows.append((f"weights ({counts.quantizable / 1e9:.2f} B in 4-bit NF4, {rest / 1e9:.2f} B {dtype_name})",
                           weights))
         plan.rows.append(("4-bit: one expert's matrix dequantized for its matmul",
-                          counts.largest_expert_matrix * weight_bytes))
+                          2 * config.intermediate_size * config.hidden_size * weight_bytes))  # gate_up
     else:
         weights = 0 if off_param else counts.total * weight_bytes / (world if stage == 3 else 1)
         how = dtype_name + (f", sharded /{world}" if stage == 3 else "") + (", offloaded" if off_param else "")

@@ -54,6 +54,8 @@ def load_quantized_model(recipe: Recipe, dtype: torch.dtype, device: torch.devic
     """The recipe's base model with NF4 attention and experts, on `device` (default: this process's)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from finetune.expert_lora import route_experts
+
     bnb = bitsandbytes(recipe.source)
     device = torch.device(device or device_for_training())
     allocate_large_tensors_with_mmap()  # each expert's matrix is read, quantized and freed: keep the heap flat
@@ -81,8 +83,6 @@ def load_quantized_model(recipe: Recipe, dtype: torch.dtype, device: torch.devic
             matrices = expert_matrices(checkpoint, index, stack, shape[0])
             quantized = NF4ExpertStack.from_experts(matrices, shape, dtype, device)
             setattr(experts, stack, nn.Parameter(quantized, requires_grad=False))
-        from finetune.expert_lora import route_experts
-
         route_experts(experts)
     if config.tie_word_embeddings:
         model.tie_weights()
@@ -96,11 +96,7 @@ def load_quantized_model(recipe: Recipe, dtype: torch.dtype, device: torch.devic
 
 def _assign(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module_name, _, leaf = name.rpartition(".")
-    module = root.get_submodule(module_name)
-    if isinstance(getattr(module, leaf, None), nn.Parameter):
-        setattr(module, leaf, nn.Parameter(tensor))
-    else:
-        module.register_buffer(leaf, tensor)
+    setattr(root.get_submodule(module_name), leaf, nn.Parameter(tensor))
 
 
 def _linear_4bit(bnb, weight: torch.Tensor, dtype: torch.dtype, device: torch.device) -> nn.Module:
