@@ -216,7 +216,11 @@ def activation_bytes(recipe: Recipe, config, setup: Setup, weight_bytes: int) ->
     attention = tokens * hidden * 8 * weight_bytes
     experts = tokens * config.num_experts_per_tok * (3 * config.intermediate_size + hidden) * weight_bytes
     router = tokens * config.num_local_experts * 4 * layers
-    lm_head = tokens * 0.5 * config.vocab_size * 4  # fp32 logits of trained positions (about half)
+    # The LM head scores trained positions (about half) one tile at a time: TRL's fused kernel on GPUs (4096
+    # positions x 32768 entries), finetune/lm_head.py elsewhere (1024 positions, about 4 fp32 copies); either
+    # way about 4096 x vocab fp32 numbers, plus each trained position's hidden state and its fp32 gradient.
+    trained = tokens * 0.5
+    lm_head = min(trained, 4096) * config.vocab_size * 4 + trained * hidden * (weight_bytes + 4)
     return checkpoints + attention + experts + router + lm_head
 
 
