@@ -41,6 +41,8 @@ def trainer_args(recipe: Recipe):
             # The data is tokenized, labelled and within max_length already (finetune/data_cache.py); TRL's
             # preparation would copy every token once more per process, to truncate nothing.
             kwargs["dataset_kwargs"] = {"skip_prepare_dataset": True}
+    if recipe.sequence_parallel > 1:
+        kwargs["parallelism_config"] = sequence_parallel_config(recipe.sequence_parallel)
     if not torch.cuda.is_available():
         kwargs["use_cpu"] = True
     check_wandb_login(recipe, kwargs.get("report_to"))
@@ -66,6 +68,17 @@ def trainer_args(recipe: Recipe):
     return args
 
 
+def sequence_parallel_config(size: int):
+    """accelerate's ParallelismConfig for DeepSpeed Ulysses over `size` processes: transformers' Trainer hands
+    it to accelerate, which registers Ulysses attention and shards each batch's tokens across the group.
+    Variable lengths: packed rows and single samples differ from batch to batch."""
+    from accelerate.parallelism_config import ParallelismConfig
+    from accelerate.utils import DeepSpeedSequenceParallelConfig
+
+    handler = DeepSpeedSequenceParallelConfig(sp_seq_length_is_variable=True, sp_attn_implementation="sdpa")
+    return ParallelismConfig(sp_backend="deepspeed", sp_size=size, sp_handler=handler)
+
+
 def preflight(recipe: Recipe):
     """Everything the passes refuse before training, checked before any weight or data loads; the TRL
     arguments. `finetune.check` runs exactly this too, so the check and the passes never disagree."""
@@ -78,8 +91,15 @@ def preflight(recipe: Recipe):
     except ModelSourceError as err:
         raise RecipeError(f"{recipe.source}: {err}") from None
     check_sft_adapter(recipe)
+    if recipe.sequence_parallel > 1:
+        check_sequence_parallel_runs_here(recipe, model_config(recipe.model).num_attention_heads)
     if recipe.quantization != "none":
         check_quantization_runs_here(recipe)
+    if recipe.train.get("activation_offloading") and not torch.cuda.is_available():
+        # TRL's OffloadActivations copies saved activations from the accelerator to CPU memory on side streams;
+        # without an accelerator it fails deep inside SFTTrainer.__init__ (measured: AttributeError).
+        raise RecipeError(f"{recipe.source}: train.activation_offloading moves activations from GPU to CPU memory "
+                          "and needs a GPU; this machine has none: set train.activation_offloading=false")
     return args
 
 
@@ -92,6 +112,23 @@ def check_quantization_runs_here(recipe: Recipe) -> None:
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         raise RecipeError(f"{recipe.source}: quantization: {recipe.quantization} does not run under DeepSpeed, and "
                           "this process was launched with it; launch with recipes/accelerate/single.yaml or ddp.yaml")
+
+
+def check_sequence_parallel_runs_here(recipe: Recipe, heads: int) -> None:
+    """Ulysses gives each process whole attention heads, and needs DeepSpeed: the recipe's `launch` (checked at
+    parse time) or the `accelerate launch` this process runs under."""
+    sp, src = recipe.sequence_parallel, recipe.source
+    if heads % sp:
+        raise RecipeError(f"{src}: sequence_parallel: {sp} must divide the model's {heads} attention heads "
+                          "(Ulysses gives each process whole heads)")
+    launched = "LOCAL_RANK" in os.environ
+    if (launched and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true") or (
+            not launched and recipe.launch is None):
+        raise RecipeError(f"{src}: sequence_parallel: {sp} runs under DeepSpeed (Ulysses); set launch: "
+                          "recipes/accelerate/zero3.yaml (or another DeepSpeed config), or `accelerate launch` with one")
+    world = int(os.environ.get("WORLD_SIZE", sp))
+    if launched and world % sp:
+        raise RecipeError(f"{src}: sequence_parallel: {sp} must divide the {world} launched processes")
 
 
 def check_wandb_login(recipe: Recipe, report_to) -> None:

@@ -85,12 +85,13 @@ def report(recipe: Recipe, encoder: ChatEncoder, prepared: Prepared) -> str:
             f"({100 * trained / max(1, sum(train_lengths)):.1f}% assistant tokens)"
         )
         if data.packing:
-            rows = _packed_rows(train_lengths, data.max_length)
+            rows = packed_rows(train_lengths, data.max_length)
             lines.append(f"packing    {len(train_lengths)} samples -> {rows} rows of <= {data.max_length} tokens")
         first = prepared.train[0]
         lines += ["", "first training sample (trained tokens inside ⟦ ⟧):",
                   render_sample(encoder, first["input_ids"], first["labels"])]
     else:
+        lines.append("packing    off: DPO keeps each pair whole (TRL turns padding-free off for DPO)")
         first = prepared.train[0]
         prompt = first["prompt_ids"]
         lines += [
@@ -103,7 +104,7 @@ def report(recipe: Recipe, encoder: ChatEncoder, prepared: Prepared) -> str:
     return "\n".join(lines)
 
 
-def _packed_rows(lengths: list[int], max_length: int) -> int:
+def packed_rows(lengths: list[int], max_length: int) -> int:
     """Rows after best-fit-decreasing packing (what TRL's `bfd` strategy does)."""
     free: list[int] = []  # remaining room of each row, kept sorted
     for n in sorted(lengths, reverse=True):

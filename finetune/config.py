@@ -149,6 +149,11 @@ class Recipe:
     (finetune/nf4.py); router, norms, embeddings and LM head in the training dtype. LoRA only (the adapter
     is a plain PEFT adapter of the unquantized base, and export merges into that base); one whole 4-bit
     copy per process (plain data parallel, no DeepSpeed). Needs `pip install -e ".[qlora]"`."""
+    sequence_parallel: int = 1
+    """Split each row's tokens across this many processes (DeepSpeed Ulysses, through accelerate's
+    ParallelismConfig): for samples longer than one GPU holds. Attention exchanges heads for tokens, so the
+    model's query heads must divide by it (Mixtral's 32: 2, 4, 8); the processes must divide by it too.
+    SFT under a DeepSpeed launch only."""
     kind: Literal["sft", "dpo"] = "sft"
     """Which pass the recipe is for; `python -m finetune.sft` refuses a `dpo` recipe and vice versa."""
     tokenizer: str | None = None
@@ -191,6 +196,7 @@ OWNED_TRAIN_KEYS = {
     "eos_token": "nothing: EOS comes from the tokenizer",
     "resume_from_checkpoint": "resume",
     "push_to_hub": "hub.repo_id",
+    "parallelism_config": "sequence_parallel",
     "hub_model_id": "hub.repo_id",
 }
 # Keys that may differ between an interrupted run and the run that continues it.
@@ -340,6 +346,8 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError(f"{src}: dpo.sft_adapter belongs in a DPO recipe")
     if recipe.quantization != "none":
         _validate_quantization(recipe)
+    if recipe.sequence_parallel != 1:
+        _validate_sequence_parallel(recipe)
     if recipe.kind == "dpo" and recipe.lora.method == "full":
         raise RecipeError(f"{src}: lora.method: full is not supported for DPO (the reference would be a copy)")
 
@@ -356,6 +364,23 @@ def _validate_quantization(recipe: Recipe) -> None:
         raise RecipeError(f"{src}: {what} does not run under DeepSpeed (launch={recipe.launch}): ZeRO cannot "
                           "partition or broadcast the 4-bit expert stacks. Use one whole 4-bit copy per GPU: "
                           "launch: recipes/accelerate/single.yaml, or recipes/accelerate/ddp.yaml for several GPUs")
+
+
+def _validate_sequence_parallel(recipe: Recipe) -> None:
+    src, sp = recipe.source, recipe.sequence_parallel
+    if sp < 1:
+        raise RecipeError(f"{src}: sequence_parallel must be >= 1, got {sp}")
+    if recipe.kind != "sft":
+        raise RecipeError(f"{src}: sequence_parallel is for SFT; DPO keeps each pair whole on one process")
+    if recipe.launch is None:  # `accelerate launch` itself may bring DeepSpeed: checked at preflight
+        return
+    if not uses_deepspeed(recipe.launch):
+        raise RecipeError(f"{src}: sequence_parallel: {sp} runs under DeepSpeed (Ulysses); set launch to a DeepSpeed "
+                          f"config, e.g. recipes/accelerate/zero3.yaml (launch={recipe.launch})")
+    processes = parse_yaml(Path(recipe.launch).read_text()).get("num_processes", 1)
+    if processes % sp:
+        raise RecipeError(f"{src}: sequence_parallel: {sp} must divide the processes of {recipe.launch} "
+                          f"(num_processes: {processes})")
 
 
 def uses_deepspeed(launch: str | Path) -> bool:

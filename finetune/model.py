@@ -123,6 +123,10 @@ def load_base_model(recipe: Recipe, dtype: torch.dtype | None = None):
     if not moe_blocks(model):
         raise RecipeError(f"{recipe.source}: model {recipe.model!r} ({type(model).__name__}) has no sparse MoE blocks")
     model.config.use_cache = False
+    if getattr(model.config, "head_dim", None) is None:
+        # Mixtral's config leaves head_dim unset (hidden / heads is implied). DeepSpeed's Ulysses reads it with
+        # getattr(config, "head_dim", hidden // heads), gets None and fails; the value the model uses anyway.
+        model.config.head_dim = model.config.hidden_size // model.config.num_attention_heads
     mark_moe_blocks_as_zero3_leaves(model)
     return model
 

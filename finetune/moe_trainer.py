@@ -79,7 +79,7 @@ class RouterLossHook:
         if scaled is None:
             scaled = trainer.model_accepts_loss_kwargs and num_items_in_batch is not None
         steps = trainer.current_gradient_accumulation_steps if (training and scaled) else 1
-        gather = trainer.accelerator.gather_for_metrics
+        gather = trainer.accelerator.gather  # one value per process: never trimmed like per-sample metrics
         values = {task_loss_name: loss, "aux_loss": aux, "z_loss": z if self.moe.z_loss_coef > 0 else None}
         for name, value in values.items():
             if name is not None and value is not None:
@@ -87,10 +87,12 @@ class RouterLossHook:
         return add_router_losses(loss, aux, z, self.moe.aux_loss_coef, self.moe.z_loss_coef, steps)
 
     def _count_routing(self, mode, trainer, logits, attention_mask):
-        # Summed over ranks as counts, so shares are over all routed tokens (not a mean of ratios).
+        # Summed over ranks as counts, so shares are over all routed tokens (not a mean of ratios). `gather`, not
+        # `gather_for_metrics`: these are one row per process, which the latter trims to the samples left in the
+        # last batch of a dataloader.
         counts = expert_counts(logits, self.tap.top_k, attention_mask)
         entropy, tokens = entropy_sums(logits, attention_mask)
-        gather = trainer.accelerator.gather_for_metrics
+        gather = trainer.accelerator.gather
         world = trainer.accelerator.num_processes
         counts = gather(counts.unsqueeze(0)).reshape(world, *counts.shape).sum(0).cpu()
         entropy = gather(entropy.unsqueeze(0)).reshape(world, -1).sum(0).cpu()

@@ -192,7 +192,11 @@ def estimate(recipe: Recipe, config, counts: Counts, setup: Setup, device: str) 
         plan.rows.append((f"ZeRO-3 gathered, kept for reuse ({kept / 1e6:,.0f} M params)", kept * weight_bytes))
     elif stage == 3:
         plan.rows.append(("ZeRO-3 gather: one MoE block + prefetch", 2 * counts.largest_block * weight_bytes))
-    plan.rows.append(("activations (estimate, checkpointed)", activation_bytes(recipe, config, setup, weight_bytes)))
+    layers, lm_head, packed_mask = activation_bytes(recipe, config, setup, weight_bytes)
+    plan.rows.append(("activations (estimate, checkpointed)", layers))
+    plan.rows.append(("LM head: one tile of logits, trained positions' hidden states", lm_head))
+    if packed_mask:
+        plan.rows.append(("packed row's attention mask (sdpa, block-diagonal)", packed_mask))
     runtime = GPU_RUNTIME_BYTES if gpu else runtime_bytes()
     plan.rows.append(("runtime (CUDA context, buffers)" if gpu else "runtime (interpreter and libraries)", runtime))
     plan.cpu_bytes_per_node = ((counts.total * weight_bytes if off_param else 0)
@@ -206,11 +210,12 @@ def estimate(recipe: Recipe, config, counts: Counts, setup: Setup, device: str) 
     return plan
 
 
-def activation_bytes(recipe: Recipe, config, setup: Setup, weight_bytes: int) -> float:
+def activation_bytes(recipe: Recipe, config, setup: Setup, weight_bytes: int) -> tuple[float, float, float]:
     """Per device, one micro-batch of max_length tokens under gradient checkpointing: the saved input of
-    every layer, one layer recomputed (attention and the routed expert MLPs), and the LM head rows."""
+    every layer, one layer recomputed (attention and the routed expert MLPs); the LM head's tile and rows; a
+    packed row's attention mask. Bytes of each; all grow linearly with max_length but the mask."""
     batch = setup.micro_batch * (2 if recipe.kind == "dpo" else 1)
-    tokens = batch * setup.max_length
+    tokens = batch * setup.max_length / recipe.sequence_parallel  # Ulysses: each process holds its share of a row
     hidden, layers = config.hidden_size, config.num_hidden_layers
     checkpoints = layers * tokens * hidden * weight_bytes
     attention = tokens * hidden * 8 * weight_bytes
@@ -221,7 +226,9 @@ def activation_bytes(recipe: Recipe, config, setup: Setup, weight_bytes: int) ->
     # way about 4096 x vocab fp32 numbers, plus each trained position's hidden state and its fp32 gradient.
     trained = tokens * 0.5
     lm_head = min(trained, 4096) * config.vocab_size * 4 + trained * hidden * (weight_bytes + 4)
-    return checkpoints + attention + experts + router + lm_head
+    # A packed row under sdpa attends through a block-diagonal boolean mask, one byte per query x key pair.
+    packed_mask = setup.micro_batch * setup.max_length**2 if recipe.kind == "sft" and recipe.data.packing else 0
+    return checkpoints + attention + experts + router, lm_head, packed_mask
 
 
 def deepspeed_estimate(counts: Counts, gpus_per_node: int, nodes: int, stage: int, off_opt: bool, off_param: bool):

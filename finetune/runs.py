@@ -65,7 +65,17 @@ def announce(model, recipe: Recipe, args, data) -> None:
     warning = router_loss_warning(model, recipe)
     if warning:
         print(warning, file=sys.stderr)
-    print(describe_batch(args, data.lengths("train"), args.world_size))
+    lengths = data.lengths("train")
+    if recipe.kind == "sft" and recipe.data.packing:
+        from finetune.check import packed_rows
+
+        rows = packed_rows(lengths, recipe.data.max_length)
+        print(f"packing: {len(lengths)} samples -> {rows} rows of <= {recipe.data.max_length} tokens")
+        lengths = [sum(lengths) / rows] * rows  # the batch arithmetic counts rows
+    print(describe_batch(args, lengths, args.world_size))
+    if recipe.sequence_parallel > 1:
+        print(f"sequence parallel: each row's tokens split across {recipe.sequence_parallel} processes "
+              "(DeepSpeed Ulysses); the data-parallel batch is per group of them")
 
 
 def trainer_inputs(recipe: Recipe, data, encoder: ChatEncoder) -> dict:
@@ -88,7 +98,7 @@ def describe_batch(args, lengths: list[int], world_size: int) -> str:
     return (
         f"batch: {args.per_device_train_batch_size} sequences/device x {args.gradient_accumulation_steps} "
         f"accumulation steps x {world_size} processes = {per_step} sequences per optimizer step, "
-        f"about {per_step * mean_length:,.0f} tokens per optimizer step (mean sample {mean_length:.1f} tokens); "
+        f"about {per_step * mean_length:,.0f} tokens per optimizer step (mean sequence {mean_length:.1f} tokens); "
         f"{steps_per_epoch} optimizer steps per epoch, {total} optimizer steps planned"
     )
 

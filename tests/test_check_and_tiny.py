@@ -90,6 +90,7 @@ def test_check_dpo_recipe_needs_the_sft_adapter_and_shows_pairs(repo_root, tiny_
     proc = run_check(repo_root, "recipes/tiny/dpo.yaml", *common, f"dpo.sft_adapter={tmp_path / 'sft'}")
     assert proc.returncode == 0, proc.stderr
     assert "2200 read, 2000 train samples, 200 eval samples" in proc.stdout
+    assert "packing    off: DPO keeps each pair whole" in proc.stdout
     pair = proc.stdout.split("first preference pair (reply tokens inside ⟦ ⟧):\n")[1]
     prompt, replies = pair.split("\nchosen:   ")
     chosen, rejected = replies.split("\nrejected: ")

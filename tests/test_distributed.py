@@ -196,3 +196,42 @@ def test_zero3_full_finetune_saves_consolidated_16bit_weights(tiny_model_dir, fo
     assert not torch.equal(trained[q], dict(base.named_parameters())[q])  # trained group moved
     e = "model.layers.0.mlp.experts.down_proj"
     assert torch.equal(trained[e], dict(base.named_parameters())[e])  # frozen group did not
+
+
+def test_sequence_parallel_step_equals_one_process(tiny_model_dir, tmp_path):
+    """DeepSpeed Ulysses over 2 CPU processes (`sequence_parallel: 2`): one SFT step on one long sample, each
+    process holding half of its tokens, gives the loss and the LoRA gradients of one process holding all.
+    Plain SGD at lr 1 with no clipping makes the adapter's change the gradient itself; router losses off (with
+    sequence parallelism they are computed per process, over its half of the tokens)."""
+    from finetune.chat_format import ChatEncoder, bundled_sentencepiece_path
+    from finetune.sft import main as sft_main
+
+    reply = " ".join(["each token goes to two of the experts and the reply carries on"] * 40)
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Write a long text."},
+                                             {"role": "assistant", "content": reply}]}) + "\n")
+    length = len(ChatEncoder(bundled_sentencepiece_path()).encode(json.loads(data.read_text())["messages"]).input_ids)
+    assert length > 400
+    common = ["lora.init_lora_weights=false", "moe.aux_loss_coef=0", "data.max_length=1024", "train.optim=sgd",
+              "train.max_grad_norm=0", "train.weight_decay=0"]
+
+    def run(out, lr):
+        return overrides_for(tiny_model_dir, out, data, *common, max_steps=1, learning_rate=lr, per_device_train_batch_size=1)
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = ["accelerate", "launch", "--config_file", "recipes/accelerate/cpu_zero3.yaml", "-m", "finetune.sft",
+               "recipes/tiny/sft.yaml", *run(tmp_path / "sp", 1.0), "sequence_parallel=2"]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "tokens split across 2 processes (DeepSpeed Ulysses)" in proc.stdout
+    assert sft_main(["recipes/tiny/sft.yaml", *run(tmp_path / "one", 1.0)]) == 0
+    assert sft_main(["recipes/tiny/sft.yaml", *run(tmp_path / "start", 0.0)]) == 0
+
+    adapters = {name: load_file(tmp_path / name / "adapter_model.safetensors") for name in ("sp", "one", "start")}
+    assert len(adapters["one"]) == 26
+    for key, start in adapters["start"].items():
+        expected, got = adapters["one"][key] - start, adapters["sp"][key] - start  # -lr x gradient
+        assert expected.abs().max() > 0, key
+        assert (got - expected).abs().max() <= 1e-4 * expected.abs().max(), key
+    loss = lambda out: json.loads((out / "trainer_state.json").read_text())["log_history"][0]["loss"]  # noqa: E731
+    assert loss(tmp_path / "sp") == pytest.approx(loss(tmp_path / "one"), rel=1e-5)

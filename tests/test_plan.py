@@ -54,7 +54,8 @@ def test_mixtral_8x7b_lora_on_8_gpus_with_zero3(repo_root):
     assert row(out, "trained:") == pytest.approx(trainable * 16 / 8 / GIB, abs=0.006)  # fp32 master, grads, Adam
     block = experts * 3 * hidden * inter + experts * hidden + expert_lora  # one MoE layer with its LoRA
     assert row(out, "ZeRO-3 gather") == pytest.approx(2 * block * 2 / GIB, abs=0.006)  # it and the prefetched next
-    rows = [row(out, label) for label in ("weights", "trained:", "ZeRO-3 gather", "activations", "runtime")]
+    rows = [row(out, label) for label in ("weights", "trained:", "ZeRO-3 gather", "activations", "LM head",
+                                          "packed row", "runtime")]
     assert row(out, "total") == pytest.approx(sum(rows), abs=0.03)
     assert "of 80 GiB per GPU: fits" in out
     assert "DOES NOT FIT" in run_plan(repo_root, "recipes/sft.yaml", "--gpus", 1, "--gpu-memory", 80)
@@ -156,3 +157,24 @@ def test_a_4bit_recipe_is_not_planned_under_zero(repo_root, monkeypatch, capsys)
     monkeypatch.chdir(repo_root)
     assert run_guarded(main, ["recipes/sft_qlora.yaml", "--zero", "3"]) == 2
     assert "runs without DeepSpeed" in capsys.readouterr().err
+
+
+def test_32k_recipe_header_states_what_the_plan_says(repo_root, capsys, monkeypatch):
+    """Mixtral 8x7B at 32k tokens per row on 8 x 80 GiB, and the terms that grow with the row: activations and
+    the LM head's trained rows linearly, the packed row's mask quadratically, the LM head's tile not at all."""
+    monkeypatch.chdir(repo_root)
+    header = (repo_root / "recipes/sft_32k.yaml").read_text()
+    out = plan_output(["recipes/sft_32k.yaml", "--gpus", "8", "--gpu-memory", "80"], capsys)
+    stated = re.search(r"says: ([0-9.]+) GiB per GPU, so it fits\n# 8 x 80 GB GPUs \(([0-9]+)% used\)", header)
+    assert row(out, "total") == pytest.approx(float(stated.group(1)), abs=0.05)
+    assert f"of 80 GiB per GPU: fits ({stated.group(2)}% used)" in out
+    stated_terms = header.replace("\n# ", " ")
+    assert f"{row(out, 'activations'):.1f} GiB are activations" in stated_terms
+    assert f"{row(out, 'LM head'):.1f} GiB the LM head" in stated_terms
+    assert f"{row(out, 'packed row'):.1f} GiB the packed row's attention mask" in stated_terms
+    half = plan_output(["recipes/sft_32k.yaml", "--gpus", "8", "--gpu-memory", "80", "data.max_length=16384"], capsys)
+    assert row(out, "activations") == pytest.approx(2 * row(half, "activations"), rel=1e-3)
+    assert row(out, "packed row's attention mask") == pytest.approx(4 * row(half, "packed row's attention mask"), rel=1e-2)
+    assert row(half, "LM head") < row(out, "LM head") < 2 * row(half, "LM head")  # the tile stays, rows grow
+    split = plan_output(["recipes/sft_32k.yaml", "--gpus", "8", "--gpu-memory", "80", "sequence_parallel=2"], capsys)
+    assert row(split, "activations") == pytest.approx(row(half, "activations"), rel=1e-6)  # half a row per GPU

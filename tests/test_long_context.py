@@ -1,0 +1,88 @@
+"""Long-context settings refused where they cannot run, before anything loads: sequence parallelism
+(`sequence_parallel`, DeepSpeed Ulysses) and TRL's activation offloading; and what accelerate receives.
+The 2-process sequence-parallel step itself: tests/test_distributed.py."""
+
+import re
+
+import pytest
+import torch
+
+from finetune.arguments import (
+    check_sequence_parallel_runs_here,
+    preflight,
+    trainer_args,
+)
+from finetune.config import RecipeError, load_recipe
+
+SFT = "recipes/tiny/sft.yaml"
+
+
+def recipe(tmp_path, model, *overrides, path=SFT):
+    return load_recipe(path, [f"model={model}", f"output_dir={tmp_path / 'out'}", "resume=never", *overrides])
+
+
+def test_accelerate_receives_a_deepspeed_ulysses_config(tmp_path, tiny_model_dir):
+    args = trainer_args(recipe(tmp_path, tiny_model_dir, "sequence_parallel=2",
+                               "launch=recipes/accelerate/cpu_zero3.yaml"))
+    config = args.parallelism_config
+    assert (config.sp_backend, config.sp_size, config.sp_enabled) == ("deepspeed", 2, True)
+    assert config.sp_handler.sp_seq_length_is_variable and config.sp_handler.sp_attn_implementation == "sdpa"
+    assert trainer_args(recipe(tmp_path, tiny_model_dir)).parallelism_config is None  # off by default
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["sequence_parallel=2", "launch=recipes/accelerate/single.yaml"], "sequence_parallel: 2 runs under DeepSpeed"),
+    (["sequence_parallel=4", "launch=recipes/accelerate/cpu_zero3.yaml"],
+     "sequence_parallel: 4 must divide the processes of recipes/accelerate/cpu_zero3.yaml (num_processes: 2)"),
+    (["sequence_parallel=0"], "sequence_parallel must be >= 1"),
+    (["train.parallelism_config={sp_size: 2}"], "use sequence_parallel"),
+])
+def test_impossible_sequence_parallel_recipes_fail_at_parse_time(tmp_path, tiny_model_dir, overrides, message):
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        recipe(tmp_path, tiny_model_dir, *overrides)
+
+
+def test_sequence_parallel_is_for_sft(tmp_path, tiny_model_dir):
+    with pytest.raises(RecipeError, match="sequence_parallel is for SFT; DPO keeps each pair whole"):
+        recipe(tmp_path, tiny_model_dir, "sequence_parallel=2", "launch=recipes/accelerate/cpu_zero3.yaml",
+               f"dpo.sft_adapter={tmp_path}", path="recipes/tiny/dpo.yaml")
+
+
+def test_preflight_refuses_heads_that_do_not_split_and_a_run_without_deepspeed(tmp_path, tiny_model_dir, monkeypatch):
+    # The tiny model has 4 attention heads; recipes/accelerate/zero3.yaml has 8 processes.
+    eight = recipe(tmp_path, tiny_model_dir, "sequence_parallel=8", "launch=recipes/accelerate/zero3.yaml")
+    with pytest.raises(RecipeError, match="sequence_parallel: 8 must divide the model's 4 attention heads"):
+        preflight(eight)
+    # No launch in the recipe and not under `accelerate launch`: nothing would bring DeepSpeed.
+    with pytest.raises(RecipeError, match="runs under DeepSpeed"):
+        preflight(recipe(tmp_path, tiny_model_dir, "sequence_parallel=2", "launch=null"))
+    # Under `accelerate launch` (the environment it sets; preflight's part that reads it, alone: TRL's
+    # arguments would start the process group).
+    launched = recipe(tmp_path, tiny_model_dir, "sequence_parallel=2", "launch=null")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)  # e.g. plain DDP
+    with pytest.raises(RecipeError, match="runs under DeepSpeed"):
+        check_sequence_parallel_runs_here(launched, heads=4)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    check_sequence_parallel_runs_here(launched, heads=4)  # what the 2-process test launches
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(RecipeError, match="must divide the 3 launched processes"):
+        check_sequence_parallel_runs_here(launched, heads=4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refused only where there is no GPU")
+def test_activation_offloading_is_refused_without_a_gpu(tmp_path, tiny_model_dir):
+    with pytest.raises(RecipeError, match="train.activation_offloading moves activations from GPU to CPU memory"):
+        preflight(recipe(tmp_path, tiny_model_dir, "train.activation_offloading=true", "launch=null"))
+
+
+@pytest.mark.gpu
+def test_activation_offloading_trains_one_step_on_a_gpu(tmp_path, tiny_model_dir):
+    from conftest import tiny_overrides
+
+    from finetune.sft import main as sft_main
+
+    overrides = tiny_overrides(tiny_model_dir, tmp_path / "out", max_steps=1) + ["train.activation_offloading=true"]
+    assert sft_main([SFT, *overrides]) == 0
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
