@@ -48,7 +48,7 @@ def run(code: str, tree: Path = ROOT) -> tuple[float, float, str]:
     """(resident MiB after the imports, peak MiB added by `code`, its stdout), in a fresh process importing
     `finetune` from `tree`."""
     wrapper = f"{IMPORTS}\n{SAMPLER}\n{code}\ndone.set(); thread.join()\nprint(before, max(peak[0], rss()) - before)"
-    proc = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, cwd=tree)
+    proc = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, cwd=tree, timeout=1200)
     if proc.returncode:
         raise SystemExit(f"benchmark command failed:\n{code}\n{proc.stderr[-3000:]}")
     before, added = proc.stdout.strip().splitlines()[-1].split()
@@ -106,7 +106,8 @@ def main():
             row["before"], row["chunked"], _ = run(step)
             row["one_piece"] = run(ONE_PIECE + step)[1] if length <= args.one_piece_up_to else None
             rows.append(row)
-            print(f"{length} tokens done", file=sys.stderr, flush=True)
+            print(f"{length} tokens: chunked {row['chunked']:.0f} MiB, one piece {row['one_piece'] or 0:.0f} MiB",
+                  file=sys.stderr, flush=True)
 
         speed = throughput(base, work, args) if args.against else None
 

@@ -1,7 +1,7 @@
 """Tokens/s of tiny SFT on real (non-pad) tokens, packed (`data.packing=true`) vs padded, on an
 UltraChat-like length mix, side by side in one run.
 
-    python benchmarks/packing.py [--conversations 800] [--steps 30] [--rounds 2]
+    python benchmarks/packing.py [--conversations 800] [--steps 30] [--rounds 2] [--hidden 64]
 
 The data: conversations with one to three user turns of 10-200 tokens and replies of 5 to 2000 tokens,
 both log-uniform (UltraChat's replies are mostly a few hundred tokens, with a long tail), written to a
@@ -10,6 +10,9 @@ temporary JSONL file. Both runs are `python -m finetune.sft recipes/tiny/sft.yam
 its longest sample); packed: micro-batch 1 row of up to 4096 tokens (TRL's best-fit-decreasing packing,
 padding-free). Each run is a fresh process, the two alternate, and tokens/s is the mean of the logged
 values (finetune/moe_trainer.py counts non-pad tokens).
+`--hidden 512` runs a wider tiny Mixtral (intermediate 3 x hidden, 8 heads): there the layers, which also
+run on pad tokens, outweigh the LM head, which scores only trained positions in both runs, as in Mixtral
+8x7B. The script also prints the share of pad tokens in padded batches of this mix.
 Goal (issue #18): packed >= 1.5x padded.
 """
 
@@ -74,6 +77,7 @@ def main():
     parser.add_argument("--conversations", type=int, default=800)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=64)
     args = parser.parse_args()
 
     from finetune.chat_format import ChatEncoder, bundled_sentencepiece_path
@@ -86,7 +90,8 @@ def main():
     speed = {True: [], False: []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        base = make_tiny_mixtral(work / "base", seed=0, max_positions=4096)
+        shape = {} if args.hidden == 64 else {"hidden": args.hidden, "intermediate": 3 * args.hidden, "heads": 8}
+        base = make_tiny_mixtral(work / "base", seed=0, max_positions=4096, **shape)
         data = work / "mix.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
         for _ in range(args.rounds):
@@ -98,9 +103,13 @@ def main():
         return values[min(len(values) - 1, int(q * len(values)))]
 
     padded, packed = (sum(speed[k]) / len(speed[k]) for k in (False, True))
+    rng = random.Random(0)
+    batches = [rng.sample(lengths, 4) for _ in range(2000)]  # what a shuffled padded micro-batch of 4 holds
+    pads = 1 - sum(map(sum, batches)) / sum(4 * max(b) for b in batches)
     print(f"{len(rows)} conversations: sample tokens median {pct(lengths, 0.5)}, p90 {pct(lengths, 0.9)}, max "
           f"{lengths[-1]}; reply tokens min {replies[0]}, median {pct(replies, 0.5)}, max {replies[-1]}")
-    print(f"tiny SFT, {args.steps} steps x {args.rounds} interleaved rounds, real tokens/s: padded {padded:,.0f}, "
+    print(f"padded micro-batches of 4 are {100 * pads:.0f}% pad tokens")
+    print(f"tiny SFT (hidden {args.hidden}), {args.steps} steps x {args.rounds} interleaved rounds, real tokens/s: padded {padded:,.0f}, "
           f"packed {packed:,.0f}, packed / padded {packed / padded:.2f} (goal >= 1.5)")
 
 
