@@ -128,6 +128,7 @@ def sft_adapter(pretrained_tiny_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # trains the tiny model 30 steps first (its fixture), then a whole evaluation
 def test_evaluate_sft_against_its_base_writes_reports_and_sft_is_better(sft_adapter, pretrained_tiny_dir, tmp_path):
     out = tmp_path / "eval"
     code = evaluate_main([str(sft_adapter), "--suite", "eval/bundled.yaml", "--out", str(out),
@@ -152,6 +153,7 @@ def test_evaluate_sft_against_its_base_writes_reports_and_sft_is_better(sft_adap
     assert (sft_adapter / "router_load.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow  # trains the tiny model 30 steps first (its fixture), then a whole evaluation
 def test_lm_eval_tasks_run_on_local_files_through_the_harness(sft_adapter, tmp_path):
     pytest.importorskip("lm_eval")
     out = tmp_path / "lm"
