@@ -40,14 +40,20 @@ thread = threading.Thread(target=sample); thread.start()
 """
 
 
-def peak_rss_mib(code: str) -> tuple[float, float]:
-    """(resident MiB before the operation, peak MiB added during it), in a fresh process."""
-    wrapper = f"{IMPORTS}\n{SAMPLER}\n{code}\ndone.set(); thread.join()\nprint(before, max(peak[0], rss()) - before)"
-    proc = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True)
+def peak_rss(code: str, imports: str, cwd=None, timeout: float = 1200) -> tuple[float, float, str]:
+    """(resident MiB after `imports`, peak MiB added while `code` runs, its stdout), in a fresh process run
+    in `cwd` (which decides where `finetune` is imported from)."""
+    wrapper = f"{imports}\n{SAMPLER}\n{code}\ndone.set(); thread.join()\nprint(before, max(peak[0], rss()) - before)"
+    proc = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, cwd=cwd, timeout=timeout)
     if proc.returncode:
         raise SystemExit(f"benchmark command failed:\n{code}\n{proc.stderr[-3000:]}")
     before, added = proc.stdout.strip().splitlines()[-1].split()
-    return int(before) / MIB, int(added) / MIB
+    return int(before) / MIB, int(added) / MIB, proc.stdout
+
+
+def peak_rss_mib(code: str) -> tuple[float, float]:
+    """`peak_rss` of an export-side command: (resident MiB before it, peak MiB added during it)."""
+    return peak_rss(code, IMPORTS)[:2]
 
 
 def build(work: Path, hidden: int, layers: int, experts: int, shard_size: str):

@@ -24,13 +24,13 @@ recipe's tokens/s within 5% of REF's.
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from export_memory import MIB, SAMPLER
+from export_memory import peak_rss
+from packing import tokens_per_second
 
 ROOT = Path(__file__).resolve().parent.parent
 IMPORTS = "import torch, transformers, peft, trl, finetune.sft, finetune.lm_head"
@@ -45,14 +45,7 @@ ONE_PIECE = "finetune.lm_head.CHUNK_ROWS = 10**9\n"
 
 
 def run(code: str, tree: Path = ROOT) -> tuple[float, float, str]:
-    """(resident MiB after the imports, peak MiB added by `code`, its stdout), in a fresh process importing
-    `finetune` from `tree`."""
-    wrapper = f"{IMPORTS}\n{SAMPLER}\n{code}\ndone.set(); thread.join()\nprint(before, max(peak[0], rss()) - before)"
-    proc = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, cwd=tree, timeout=1200)
-    if proc.returncode:
-        raise SystemExit(f"benchmark command failed:\n{code}\n{proc.stderr[-3000:]}")
-    before, added = proc.stdout.strip().splitlines()[-1].split()
-    return int(before) / MIB, int(added) / MIB, proc.stdout
+    return peak_rss(code, IMPORTS, cwd=tree)
 
 
 def long_conversation(length: int, encoder) -> dict:
@@ -71,14 +64,6 @@ def long_conversation(length: int, encoder) -> dict:
             break
         n += length - got if abs(length - got) < 8 else round(n * length / got) - n
     return conversation(n)
-
-
-def tokens_per_second(stdout: str) -> float:
-    """The mean of the logged tokens/s after the first log line (finetune/moe_trainer.py's Throughput)."""
-    values = [float(v) for v in re.findall(r"'tokens_per_second': '?([0-9.]+)", stdout)]
-    if not values:
-        raise SystemExit(f"no tokens_per_second in the log:\n{stdout[-2000:]}")
-    return sum(values) / len(values)
 
 
 def main():

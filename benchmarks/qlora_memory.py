@@ -13,11 +13,9 @@ matrix in 16/32 bits, so no layer-sized bump appears on top.
 """
 
 import argparse
-import subprocess
-import sys
 from pathlib import Path
 
-from export_memory import MIB, SAMPLER, each_size
+from export_memory import MIB, each_size, peak_rss
 
 IMPORTS = "import torch, transformers, peft, trl, bitsandbytes, finetune.sft"
 RUN = ("finetune.sft.main(['recipes/tiny/sft.yaml', 'model={base}', 'output_dir={out}', 'resume=never', "
@@ -25,15 +23,6 @@ RUN = ("finetune.sft.main(['recipes/tiny/sft.yaml', 'model={base}', 'output_dir=
        "'train.save_strategy=no', 'train.per_device_train_batch_size=4', 'data.max_length=256', "
        "'train.report_to=none', 'train.disable_tqdm=true'])")
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def peak_rss_mib(code: str) -> tuple[float, float]:
-    wrapper = f"{IMPORTS}\n{SAMPLER}\n{code}\ndone.set(); thread.join()\nprint(before, max(peak[0], rss()) - before)"
-    proc = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode:
-        raise SystemExit(f"benchmark command failed:\n{code}\n{proc.stderr[-3000:]}")
-    before, added = proc.stdout.strip().splitlines()[-1].split()
-    return int(before) / MIB, int(added) / MIB
 
 
 def measure(work: Path, layers: int, args) -> dict:
@@ -45,7 +34,7 @@ def measure(work: Path, layers: int, args) -> dict:
     row = {"layers": layers, "size": size}
     for quantization in ("none", "nf4"):
         code = RUN.format(base=base, out=work / quantization, quantization=quantization, steps=args.steps)
-        row["before"], row[quantization] = peak_rss_mib(code)
+        row["before"], row[quantization], _ = peak_rss(code, IMPORTS, cwd=ROOT)
     return row
 
 
