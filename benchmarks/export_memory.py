@@ -36,7 +36,7 @@ def sample():
     while not done.is_set():
         peak[0] = max(peak[0], rss()); time.sleep(0.002)
 before = rss(); peak[0] = before
-thread = threading.Thread(target=sample); thread.start()
+thread = threading.Thread(target=sample, daemon=True); thread.start()  # daemon: a failing command still exits
 """
 
 

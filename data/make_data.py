@@ -1,12 +1,17 @@
-"""Generate the bundled sample data: checkable instruction tasks in English and French.
+"""Generate the bundled sample data: checkable instruction tasks in Mixtral-Instruct's five languages,
+English, French, German, Spanish and Italian.
 
     python data/make_data.py            # rewrites data/chat/*.jsonl and data/preferences/*.jsonl
 
 Every answer can be checked exactly (arithmetic, string edits, look-ups in data/tables/capitals.json,
-formatting rules), so evaluation needs no judge model. Each chat row is {"messages": [...], "task": ...,
-"answer": ...}; each preference row is {"prompt": [...], "chosen": [...], "rejected": [...]} where the
-chosen reply is correct and the rejected one is checkably wrong. The eval splits share no prompt with
-the training splits. eval/instructions.jsonl holds the held-out chat prompts with their answers and the
+formatting rules), so evaluation needs no judge model. Every task family exists in every language, phrased
+the way that language writes it: its own quotation marks (« » with spaces in French, „ “ in German, « » in
+Spanish and Italian), the space before "?" in French, Spanish's opening "¿", German nouns capitalised, and
+each language's contracted prepositions before country names ("du Portugal", "vom Senegal", "del
+Portogallo"). Each chat row is {"messages": [...], "task": ..., "lang": ..., "answer": ...}; each
+preference row is {"prompt": [...], "chosen": [...], "rejected": [...], "task": ..., "lang": ...} where the
+chosen reply is correct and the rejected one is checkably wrong. The eval splits share no prompt with the
+training splits. eval/instructions.jsonl holds the held-out chat prompts with their answers and the
 verifiable rules a correct reply follows (case, word count, keywords, format), for generation checks.
 """
 
@@ -17,41 +22,101 @@ import random
 from pathlib import Path
 
 HERE = Path(__file__).parent
+LANGUAGES = ("en", "fr", "de", "es", "it")
+# capitals.json holds, per language, the country as it follows that language's "of" (with its article:
+# "la France", "der Schweiz" (dative after "von"), "los Países Bajos", "il Portogallo") and the capital.
 CAPITALS = json.loads((HERE / "tables" / "capitals.json").read_text())
-WORDS = (
-    "apple river stone cloud tiger piano garden silver rocket candle window forest ocean bridge "
-    "marble yellow planet castle dragon pepper violin meadow thunder lantern harbor"
-).split()
-MOTS = (
-    "pomme rivière pierre nuage tigre piano jardin argent fusée bougie fenêtre forêt océan pont "
-    "marbre jaune planète château dragon poivre violon prairie tonnerre lanterne port"
-).split()
+WORDS = {
+    "en": "apple river stone cloud tiger piano garden silver rocket candle window forest ocean bridge marble "
+          "yellow planet castle dragon pepper violin meadow thunder lantern harbor",
+    "fr": "pomme rivière pierre nuage tigre piano jardin argent fusée bougie fenêtre forêt océan pont marbre "
+          "jaune planète château dragon poivre violon prairie tonnerre lanterne port",
+    "de": "Apfel Fluss Stein Wolke Tiger Klavier Garten Silber Rakete Kerze Fenster Wald Ozean Brücke Marmor "
+          "gelb Planet Schloss Drache Pfeffer Geige Wiese Donner Laterne Hafen",
+    "es": "manzana río piedra nube tigre piano jardín plata cohete vela ventana bosque océano puente mármol "
+          "amarillo planeta castillo dragón pimienta violín prado trueno linterna puerto",
+    "it": "mela fiume pietra nuvola tigre pianoforte giardino argento razzo candela finestra foresta oceano "
+          "ponte marmo giallo pianeta castello drago pepe violino prato tuono lanterna porto",
+}
+WORDS = {lang: words.split() for lang, words in WORDS.items()}
 SYSTEMS = {
     "en": ["You are a concise assistant. Answer with the result only.", "Reply briefly and exactly."],
     "fr": ["Tu es un assistant concis. Réponds uniquement avec le résultat.", "Réponds brièvement et exactement."],
+    "de": ["Du bist ein knapper Assistent. Antworte nur mit dem Ergebnis.", "Antworte kurz und genau."],
+    "es": ["Eres un asistente conciso. Responde solo con el resultado.", "Responde de forma breve y exacta."],
+    "it": ["Sei un assistente conciso. Rispondi solo con il risultato.", "Rispondi in modo breve ed esatto."],
+}
+# The prompts of each task family, per language; {w} is a word, {a} {op} {b} a sum, {of} "of <country>".
+PROMPTS = {
+    "arithmetic": {
+        "en": ["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Calculate {a} {op} {b}."],
+        "fr": ["Combien font {a} {op} {b} ?", "Calcule {a} {op} {b}."],
+        "de": ["Was ist {a} {op} {b}?", "Wie viel ist {a} {op} {b}?", "Berechne {a} {op} {b}."],
+        "es": ["¿Cuánto es {a} {op} {b}?", "Calcula {a} {op} {b}."],
+        "it": ["Quanto fa {a} {op} {b}?", "Calcola {a} {op} {b}."],
+    },
+    "reverse": {
+        "en": ["Reverse the word '{w}'.", "Write '{w}' backwards."],
+        "fr": ["Écris le mot « {w} » à l'envers.", "Inverse le mot « {w} »."],
+        "de": ["Schreibe das Wort „{w}“ rückwärts.", "Kehre das Wort „{w}“ um."],
+        "es": ["Escribe la palabra «{w}» al revés.", "Invierte la palabra «{w}»."],
+        "it": ["Scrivi la parola «{w}» al contrario.", "Inverti la parola «{w}»."],
+    },
+    "uppercase": {
+        "en": ["Write '{w}' in capital letters."],
+        "fr": ["Écris « {w} » en majuscules."],
+        "de": ["Schreibe „{w}“ in Großbuchstaben."],
+        "es": ["Escribe «{w}» en mayúsculas."],
+        "it": ["Scrivi «{w}» in maiuscolo."],
+    },
+    "spell": {
+        "en": ["List the letters of '{w}' separated by commas."],
+        "fr": ["Liste les lettres de « {w} » séparées par des virgules."],
+        "de": ["Nenne die Buchstaben von „{w}“, durch Kommas getrennt."],
+        "es": ["Enumera las letras de «{w}» separadas por comas."],
+        "it": ["Elenca le lettere di «{w}» separate da virgole."],
+    },
+    "capital": {
+        "en": ["What is the capital of {of}?"],
+        "fr": ["Quelle est la capitale {of} ?"],
+        "de": ["Was ist die Hauptstadt {of}?", "Wie heißt die Hauptstadt {of}?"],
+        "es": ["¿Cuál es la capital {of}?"],
+        "it": ["Qual è la capitale {of}?"],
+    },
+}
+# "of" + article, contracted as each language writes it; the first matching prefix wins. (English puts
+# its "of" in the prompt.)
+OF = {
+    "en": [("", "")],
+    "fr": [("le ", "du "), ("les ", "des "), ("", "de ")],
+    "de": [("dem ", "vom "), ("", "von ")],
+    "es": [("el ", "del "), ("", "de ")],
+    "it": [("il ", "del "), ("lo ", "dello "), ("la ", "della "), ("l'", "dell'"), ("i ", "dei "),
+           ("gli ", "degli "), ("", "di ")],
 }
 
 
+def of_country(row: dict, lang: str) -> str:
+    """The country after "of" in `lang`: "du Portugal", "von Frankreich", "dell'Italia"."""
+    name = row[f"country_{lang}"]
+    for article, contracted in OF[lang]:
+        if name.startswith(article):
+            return contracted + name[len(article):]
+    raise AssertionError("the last rule of each language matches everything")
+
+
 def arithmetic(rng: random.Random, lang: str):
-    a, b = rng.randint(2, 60), rng.randint(2, 60)
-    op = rng.choice("+-*" if lang == "en" else "+-")
-    if op == "*":
-        a, b = rng.randint(2, 12), rng.randint(2, 12)
-    result = {"+": a + b, "-": a - b, "*": a * b}[op]
-    if lang == "en":
-        prompt = rng.choice([f"What is {a} {op} {b}?", f"Compute {a} {op} {b}.", f"Calculate {a} {op} {b}."])
-    else:
-        prompt = rng.choice([f"Combien font {a} {op} {b} ?", f"Calcule {a} {op} {b}."])
+    op = rng.choice("+-×")
+    a, b = (rng.randint(2, 12), rng.randint(2, 12)) if op == "×" else (rng.randint(2, 60), rng.randint(2, 60))
+    result = {"+": a + b, "-": a - b, "×": a * b}[op]
+    prompt = rng.choice(PROMPTS["arithmetic"][lang]).format(a=a, op=op, b=b)
     wrong = result + rng.choice([-2, -1, 1, 2, 10])
     return "arithmetic", prompt, str(result), str(wrong)
 
 
 def reverse_word(rng: random.Random, lang: str):
-    word = rng.choice(WORDS if lang == "en" else MOTS)
-    if lang == "en":
-        prompt = rng.choice([f"Reverse the word '{word}'.", f"Write '{word}' backwards."])
-    else:
-        prompt = rng.choice([f"Écris le mot « {word} » à l'envers.", f"Inverse le mot « {word} »."])
+    word = rng.choice(WORDS[lang])
+    prompt = rng.choice(PROMPTS["reverse"][lang]).format(w=word)
     answer = word[::-1]
     wrong = word if rng.random() < 0.5 else word[::-1][1:] + word[-1]
     if wrong == answer:
@@ -60,35 +125,28 @@ def reverse_word(rng: random.Random, lang: str):
 
 
 def uppercase(rng: random.Random, lang: str):
-    word = rng.choice(WORDS if lang == "en" else MOTS)
-    prompt = f"Write '{word}' in capital letters." if lang == "en" else f"Écris « {word} » en majuscules."
-    return "uppercase", prompt, word.upper(), word.capitalize()
+    word = rng.choice(WORDS[lang])
+    wrong = word.capitalize() if word.islower() else word.lower()  # German nouns are already capitalised
+    return "uppercase", PROMPTS["uppercase"][lang][0].format(w=word), word.upper(), wrong
 
 
 def spell(rng: random.Random, lang: str):
-    word = rng.choice(WORDS if lang == "en" else MOTS)
-    if lang == "en":
-        prompt = f"List the letters of '{word}' separated by commas."
-    else:
-        prompt = f"Liste les lettres de « {word} » séparées par des virgules."
-    return "spell", prompt, ", ".join(word), " ".join(word)
+    word = rng.choice(WORDS[lang])
+    return "spell", PROMPTS["spell"][lang][0].format(w=word), ", ".join(word), " ".join(word)
 
 
 def capital(rng: random.Random, lang: str):
     row = rng.choice(CAPITALS)
     other = rng.choice([r for r in CAPITALS if r["capital_en"] != row["capital_en"]])
-    if lang == "en":
-        prompt = f"What is the capital of {row['country_en']}?"
-        return "capital", prompt, f"{row['capital_en']}.", f"{other['capital_en']}."
-    prompt = f"Quelle est la capitale de {row['country_fr']} ?"
-    return "capital", prompt, f"{row['capital_fr']}.", f"{other['capital_fr']}."
+    prompt = rng.choice(PROMPTS["capital"][lang]).format(of=of_country(row, lang))
+    return "capital", prompt, f"{row[f'capital_{lang}']}.", f"{other[f'capital_{lang}']}."
 
 
 TASKS = [arithmetic, reverse_word, uppercase, spell, capital]
 
 
 def conversation(rng: random.Random):
-    lang = "fr" if rng.random() < 0.4 else "en"
+    lang = rng.choice(LANGUAGES)
     messages = []
     if rng.random() < 0.3:
         messages.append({"role": "system", "content": rng.choice(SYSTEMS[lang])})
@@ -115,7 +173,9 @@ def instruction_rules(task: str, answer: str) -> list[dict]:
     """Verifiable rules (finetune/checkers.py) that a correct reply to `task` follows."""
     return {
         "arithmetic": [{"rule": "format", "value": "integer"}, {"rule": "max_words", "value": 1}],
-        "reverse": [{"rule": "case", "value": "lower"}, {"rule": "max_words", "value": 1}],
+        # A reversed German noun ends with its capital letter: the rule is then that ending, not lower case.
+        "reverse": [{"rule": "case", "value": "lower"} if answer.islower() else {"rule": "ends_with", "value": answer[-1]},
+                    {"rule": "max_words", "value": 1}],
         "uppercase": [{"rule": "case", "value": "upper"}, {"rule": "max_words", "value": 1}],
         "spell": [{"rule": "format", "value": "comma_list"}, {"rule": "format", "value": "single_line"}],
         "capital": [{"rule": "keywords", "value": [answer.rstrip(".")]}, {"rule": "ends_with", "value": "."},

@@ -19,6 +19,7 @@ PASSES = {
     "export": "merge adapters into the base checkpoint, shard by shard",
     "push": "push an adapter or merged folder to the Hugging Face Hub",
     "evaluate": "held-out loss, preferences, generation checks and router balance on a suite",
+    "chat": "talk to a trained model or adapter, multi-turn, in the Mixtral-Instruct format",
 }
 
 

@@ -251,8 +251,11 @@ def encode_preference_row(row: Any, encoder: ChatEncoder, max_length: int) -> tu
 
 def encode_source(source: DataSource, kind: str, encoder: ChatEncoder, max_length: int, progress: bool = True):
     """(samples, bad rows, rows read) for one small source, as Python lists (evaluation sets; training data
-    goes through finetune/data_cache.py, which never holds a dataset's tokens in lists)."""
+    goes through finetune/data_cache.py, which never holds a dataset's tokens in lists). Each sample keeps its
+    row's `lang` and `task`, when it has them, for figures per group (finetune/eval_groups.py)."""
     from tqdm.auto import tqdm
+
+    from finetune.eval_groups import row_groups
 
     encode = encode_preference_row if kind == "dpo" else encode_chat_row
     samples, bad, read = [], [], 0
@@ -266,7 +269,7 @@ def encode_source(source: DataSource, kind: str, encoder: ChatEncoder, max_lengt
         if reason:
             bad.append(BadRow(where, reason))
         else:
-            samples.append(sample)
+            samples.append({**sample, **row_groups(row)})
     return samples, bad, read
 
 

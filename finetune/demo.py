@@ -8,7 +8,9 @@ Every stage runs the same recipes and modules a GPU user runs, with the `recipes
 recipes/tiny/sft.yaml (LoRA on attention, experts and router, load-balancing loss), `finetune.dpo` on
 recipes/tiny/dpo.yaml from the SFT adapter, `finetune.export` (merge + verification), and
 `finetune.evaluate` on eval/bundled.yaml (held-out data the training never sees), with the base as the
-preference reference for all three models. Writes DIR/report.md with its plots and DIR/summary.json;
+preference reference for all three models, per language and task family too (with the routing of base
+and SFT per language). Writes DIR/report.md with its plots and DIR/summary.json, and ends with the command
+that opens `finetune chat` on the merged DPO model;
 exits 1 if the merged export does not reproduce base + adapter or a model did not improve on the one
 before it (SFT on the base: held-out loss and the instruction rules its replies follow; DPO on SFT:
 preference accuracy, measured reference-free as how often the preferred reply is the more likely one, which compares all three models
@@ -24,7 +26,13 @@ import sys
 import time
 from pathlib import Path
 
-from finetune.eval_report import comparison_rows, markdown_table, text_table
+from finetune.eval_report import (
+    comparison_rows,
+    group_rows,
+    group_sections,
+    markdown_table,
+    text_table,
+)
 from finetune.evaluate import evaluate, load_suite
 from finetune.plots import log_series, loss_curves, router_heatmaps
 
@@ -90,6 +98,9 @@ def write_report(out: Path, results: dict, timings: dict, passed: list, sft: dic
         *[f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in passed], "",
         "## Evaluation", "",
         markdown_table(["figure", *MODELS], comparison_rows(columns)), "",
+        # Per language and task family: the three models' figures, and the routing of base and SFT (what
+        # fine-tuning did to which experts each language's tokens go to).
+        *group_sections(out, columns, routing_columns=columns[:2]),
         "## Training", "",
         "![SFT loss](sft_loss.png) ![DPO loss](dpo_loss.png)", "",
         "## Router load on held-out conversations", "",
@@ -180,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     stage(4, "export", "merge the DPO adapter into the base, shard by shard, and verify the logits")
     encoder = ChatEncoder(bundled_sentencepiece_path())
     prompts = [encoder.encode_prompt([{"role": "user", "content": text}]) for text in
-               ("What is 12 + 30?", "Écris « pomme » à l'envers.", "What is the capital of Japan?")]
+               ("What is 12 + 30?", "Écris « pomme » à l'envers.", "Wie heißt die Hauptstadt von Japan?",
+                "¿Cuánto es 7 × 8?", "Scrivi «mela» in maiuscolo.")]
     tolerance = 1e-3
     export_diff = run_stage(timings, "export", lambda: export([str(dpo)], merged, verify=True, prompts=prompts,
                                                               tolerance=tolerance).max_logit_difference)
@@ -218,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for text, ok in passed:
         print(f"{'PASS' if ok else 'FAIL'}  {text}")
+    print("\n" + text_table(*group_rows([(m, results[m]) for m in MODELS], "lang")))
     print(f"\ntotal {total / 60:.1f} min; report: {report}")
+    print(f"talk to the DPO model: python -m finetune.chat {merged}")
     return 0 if all(ok for _, ok in passed) else 1
 
 

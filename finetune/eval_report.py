@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from finetune.eval_groups import GROUP_FIELDS
 from finetune.plots import router_heatmaps
 
 if TYPE_CHECKING:
@@ -28,6 +29,15 @@ SUMMARY = [  # (label, path into the results, higher is better)
     ("router CV (mean over layers)", ("heldout", "router", "cv_mean"), False),
     ("router entropy (mean, nats)", ("heldout", "router", "entropy_mean"), None),
     ("dead experts (< 1% share)", ("heldout", "router", "dead_experts"), False),
+    ("routing gap between languages", ("heldout", "routing_by_group", "lang", "gap"), None),
+    ("routing gap between task families", ("heldout", "routing_by_group", "task", "gap"), None),
+]
+GROUP_SUMMARY = [  # (label, part, figure): the columns of the per-language and per-task tables
+    ("held-out loss", "heldout", "loss"),
+    ("exact match", "generation", "exact_match"),
+    ("rules followed", "generation", "rule_pass_rate"),
+    ("preference accuracy", "preferences", "accuracy"),
+    ("preference accuracy (log-prob)", "preferences", "logp_accuracy"),
 ]
 
 
@@ -95,6 +105,62 @@ def heatmap_panels(columns: list[tuple[str, dict]]) -> list[tuple[str, list[list
     return panels
 
 
+def group_rows(columns: list[tuple[str, dict]], field: str) -> tuple[list[str], list[list[str]]] | None:
+    """(header, rows) of the GROUP_SUMMARY figures per group of `field` (e.g. per language), then the totals,
+    one row per group and model; None when no model has figures for that field."""
+    parts = {part for _, part, _ in GROUP_SUMMARY}
+    groups = sorted({g for _, results in columns for part in parts
+                     for g in (figure(results, (part, "by_group", field)) or {})})
+    if not groups:
+        return None
+    labels = [label for label, part, name in GROUP_SUMMARY
+              if any(figure(results, (part, name)) is not None for _, results in columns)]
+    rows = []
+    for group in groups + ["all"]:
+        for model, results in columns:
+            keys = {label: (part, "by_group", field, group, name) if group != "all" else (part, name)
+                    for label, part, name in GROUP_SUMMARY}
+            rows.append([group] + ([model] if len(columns) > 1 else []) + [_fmt(figure(results, keys[label]))
+                                                                            for label in labels])
+    header = [GROUP_FIELDS[field][0]] + (["model"] if len(columns) > 1 else []) + labels
+    return header, rows
+
+
+def group_heatmaps(columns: list[tuple[str, dict]], field: str, path: Path) -> Path | None:
+    """Router load per group of `field` (one panel per language, say), one row of panels per model."""
+    rows = []
+    for name, results in columns:
+        routing = figure(results, ("heldout", "routing_by_group", field))
+        if routing:
+            rows.append([(f"{name}: {group}" if len(columns) > 1 else group, share)
+                         for group, share in routing["share"].items()])
+    if not rows or len({len(r) for r in rows}) != 1:
+        return None
+    return router_heatmaps([panel for row in rows for panel in row], path, per_row=len(rows[0]))
+
+
+def group_sections(out: Path, columns: list[tuple[str, dict]], routing_columns: list[tuple[str, dict]] | None = None
+                   ) -> list[str]:
+    """Report lines with, per group field, the figures table of `columns` and the router heatmaps of
+    `routing_columns` (default: the same), written to `out`."""
+    lines = []
+    routing_columns = routing_columns or columns
+    for field, (what, whats) in GROUP_FIELDS.items():
+        table = group_rows(columns, field)
+        if table is None:
+            continue
+        lines += [f"## By {what}", "", markdown_table(*table), ""]
+        plot = group_heatmaps(routing_columns, field, out / f"router_by_{field}.png")
+        if plot is not None:
+            gaps = ", ".join(f"{name} {figure(results, ('heldout', 'routing_by_group', field, 'gap')):.3f}"
+                             for name, results in routing_columns
+                             if figure(results, ("heldout", "routing_by_group", field)))
+            lines += [f"Share of routed tokens per layer (rows) and expert (columns) for each {what}. Routing gap "
+                      f"between {whats} (mean over layers of the largest difference in "
+                      f"one expert's share between two of them): {gaps}.", "", f"![router load by {what}]({plot.name})", ""]
+    return lines
+
+
 def write_report(out: Path, suite: Suite, columns: list[tuple[str, dict]], records: list[dict]) -> Path:
     """report.md with the figures table, the router heatmaps and a few generations."""
     header = ["figure"] + [name for name, _ in columns] + (["difference"] if len(columns) == 2 else [])
@@ -104,11 +170,7 @@ def write_report(out: Path, suite: Suite, columns: list[tuple[str, dict]], recor
         lines.append(f"- **{name}**: `{results['model']}`" + (f" (adapter on `{results['base']}`)" if results["base"] else "")
                      + (f"; preference reference: `{reference}`" if reference else ""))
     lines += ["", markdown_table(header, comparison_rows(columns)), ""]
-    by_task = [(name, figure(results, ("generation", "exact_match_by_task")) or {}) for name, results in columns]
-    tasks = sorted({t for _, m in by_task for t in m})
-    if tasks:
-        rows = [[task] + [_fmt(m.get(task)) for _, m in by_task] for task in tasks]
-        lines += ["## Exact match by task", "", markdown_table(["task"] + [n for n, _ in by_task], rows), ""]
+    lines += group_sections(out, columns)
     if (out / "router_load.png").is_file():
         lines += ["## Router load on the held-out conversations", "",
                   "Share of routed tokens per layer (rows) and expert (columns); balanced is 1/experts (red mark).",

@@ -45,6 +45,7 @@ from finetune.data import (
     read_rows,
 )
 from finetune.errors import InputError
+from finetune.eval_groups import GroupMeans, row_groups
 from finetune.eval_report import comparison_rows, text_table, write_outputs
 from finetune.output_folder import check_output, staged
 from finetune.scoring import (
@@ -147,12 +148,16 @@ def instruction_rows(path: str, suite: Suite) -> list[dict]:
 def preference_figures(loaded: LoadedModel, samples: list[dict], suite: Suite, reference: str | None,
                        progress: bool) -> dict:
     chosen, rejected = preference_logps(loaded.model, samples, suite.batch_size, "preferences", progress)
+    by_group = GroupMeans()
+    for sample, c, r in zip(samples, chosen, rejected):
+        by_group.add(row_groups(sample), "logp_accuracy", c > r)
     figures = {
         "pairs": len(samples),
         "logp_accuracy": sum(c > r for c, r in zip(chosen, rejected)) / len(samples),
         "reference": None,
         "accuracy": None,
         "margin": None,
+        "by_group": by_group.figures(size=("pairs", "logp_accuracy")),
     }
     reference_logps = None
     if reference is None and loaded.base is not None:
@@ -173,22 +178,28 @@ def preference_figures(loaded: LoadedModel, samples: list[dict], suite: Suite, r
         return figures
     ref_chosen, ref_rejected = reference_logps
     margins = [suite.beta * ((c - rc) - (r - rr)) for c, r, rc, rr in zip(chosen, rejected, ref_chosen, ref_rejected)]
+    for sample, margin in zip(samples, margins):
+        by_group.add(row_groups(sample), "accuracy", margin > 0)
+        by_group.add(row_groups(sample), "margin", margin)
     figures.update(reference=reference, accuracy=sum(m > 0 for m in margins) / len(margins),
-                   margin=sum(margins) / len(margins))
+                   margin=sum(margins) / len(margins), by_group=by_group.figures(size=("pairs", "logp_accuracy")))
     return figures
 
 
 def generation_figures(loaded: LoadedModel, rows: list[dict], suite: Suite, progress: bool) -> tuple[dict, list[dict]]:
     replies = generate_replies(loaded.model, loaded.encoder, [r["messages"] for r in rows], suite.batch_size,
                                suite.max_new_tokens, progress)
-    records, by_task, by_rule = [], defaultdict(list), defaultdict(list)
+    records, by_rule, by_group = [], defaultdict(list), GroupMeans()
     for row, reply in zip(rows, replies):
         followed = [check_rule(reply, rule) for rule in row["rules"]]
         record = {"prompt": row["messages"][-1]["content"], "reply": reply, "answer": row["answer"],
                   "exact_match": exact_match(reply, row["answer"]), "rules_followed": followed,
-                  "task": row.get("task")}
+                  "task": row.get("task"), "lang": row.get("lang")}
         records.append(record)
-        by_task[row.get("task") or "all"].append(record["exact_match"])
+        groups = row_groups(row)
+        by_group.add(groups, "exact_match", record["exact_match"])
+        by_group.add(groups, "rule_pass_rate", sum(followed), len(followed))
+        by_group.add(groups, "prompt_rule_pass_rate", all(followed))
         for rule, ok in zip(row["rules"], followed):
             by_rule[rule["rule"]].append(ok)
     rule_results = [ok for r in records for ok in r["rules_followed"]]
@@ -197,8 +208,8 @@ def generation_figures(loaded: LoadedModel, rows: list[dict], suite: Suite, prog
         "exact_match": _mean(r["exact_match"] for r in records),
         "rule_pass_rate": _mean(rule_results),
         "prompt_rule_pass_rate": _mean(all(r["rules_followed"]) for r in records),
-        "exact_match_by_task": {task: _mean(v) for task, v in sorted(by_task.items())},
         "rule_pass_rate_by_rule": {rule: _mean(v) for rule, v in sorted(by_rule.items())},
+        "by_group": by_group.figures(size=("prompts", "exact_match")),
     }
     return figures, records
 

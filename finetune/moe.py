@@ -145,6 +145,19 @@ def expert_counts(logits: list[torch.Tensor], top_k: int, attention_mask=None) -
     return torch.stack(rows)
 
 
+def expert_counts_per_row(logits: list[torch.Tensor], top_k: int, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[rows, layers, experts]: `expert_counts` for each row of a [rows, sequence] batch on its own (the
+    per-language and per-task routing of evaluation); summed over rows it equals `expert_counts`."""
+    rows, length = attention_mask.shape
+    mask = token_mask(attention_mask, logits[0].shape[0], logits[0].device).reshape(rows, length, 1)
+    per_layer = []
+    for layer in logits:
+        chosen = layer.detach().topk(top_k, dim=-1).indices  # tokens x k
+        picked = torch.nn.functional.one_hot(chosen, layer.shape[-1]).sum(1).float()  # tokens x experts
+        per_layer.append((picked.reshape(rows, length, -1) * mask).sum(1))
+    return torch.stack(per_layer, dim=1)
+
+
 def entropy_sums(logits: list[torch.Tensor], attention_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
     """([layers] summed router entropy over real tokens, number of real tokens)."""
     mask = token_mask(attention_mask, logits[0].shape[0], logits[0].device)

@@ -10,17 +10,22 @@ matplotlib.use("Agg")  # files only; no display needed (servers, CI)
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def router_heatmaps(panels: list[tuple[str, list[list[float]]]], path: str | Path) -> Path:
-    """One heatmap per model: share of routed tokens per layer (rows) x expert (columns), on one colour
-    scale, with the uniform share marked in the colour bar, so panels compare at a glance."""
+def router_heatmaps(panels: list[tuple[str, list[list[float]]]], path: str | Path, per_row: int | None = None) -> Path:
+    """One heatmap per panel (a model, or a language of a model): share of routed tokens per layer (rows) x
+    expert (columns), on one colour scale, with the uniform share marked in the colour bar, so panels compare
+    at a glance. `per_row` panels a row (default: all in one row)."""
     path = Path(path)
     experts = len(panels[0][1][0])
     layers = len(panels[0][1])
     vmax = max(max(max(row) for row in share) for _, share in panels)
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.2 + 0.55 * experts * len(panels) + 1.2, 1.2 + 0.45 * layers),
+    across = per_row or len(panels)
+    down = -(-len(panels) // across)
+    fig, axes = plt.subplots(down, across, figsize=(2.4 + 0.55 * experts * across, (1.2 + 0.45 * layers) * down),
                              squeeze=False, constrained_layout=True)
     image = None
-    for ax, (title, share) in zip(axes[0], panels):
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, share) in zip(axes.flat, panels):
         image = ax.imshow(share, cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("expert")
@@ -32,7 +37,7 @@ def router_heatmaps(panels: list[tuple[str, list[list[float]]]], path: str | Pat
                 for expert, value in enumerate(row):
                     ax.text(expert, layer, f"{value:.2f}", ha="center", va="center", fontsize=7,
                             color="white" if value < 0.6 * vmax else "black")
-    bar = fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9)
+    bar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.9)
     bar.set_label("share of routed tokens")
     bar.ax.axhline(1 / experts, color="red", linewidth=1)  # the balanced share
     fig.savefig(path, dpi=120)

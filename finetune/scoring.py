@@ -16,8 +16,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from finetune.chat_format import IGNORE_INDEX, ChatEncoder, find_sentencepiece
+from finetune.eval_groups import GroupMeans, RoutingByGroup, row_groups
 from finetune.model import ModelSourceError, adapter_base, model_config
-from finetune.moe import RouterTap, entropy_sums, expert_counts, router_summary
+from finetune.moe import RouterTap, entropy_sums, expert_counts_per_row, router_summary
 
 PAD_ID = 0
 
@@ -89,11 +90,13 @@ def _right_padded(rows: list[list[int]], fill: int, device) -> torch.Tensor:
 @torch.no_grad()
 def heldout_loss(model: nn.Module, samples: list[dict], batch_size: int, progress: bool = True) -> dict:
     """Mean next-token loss over labelled tokens, perplexity, token accuracy, and router load per layer x
-    expert on the real tokens (from the same forward passes)."""
+    expert on the real tokens; the loss and the router load also per language and task family of the
+    samples (finetune/eval_groups.py), all from the same forward passes."""
     device = next(model.parameters()).device
     tap = RouterTap(model)
     total_loss, total_tokens, correct = 0.0, 0, 0
     counts, entropy, routed = 0, 0, 0
+    by_group, routing = GroupMeans(), RoutingByGroup()
     try:
         for batch in _batches(samples, batch_size, "held-out loss", progress):
             input_ids = _right_padded([s["input_ids"] for s in batch], PAD_ID, device)
@@ -105,10 +108,15 @@ def heldout_loss(model: nn.Module, samples: list[dict], batch_size: int, progres
             targets = labels[:, 1:]
             scored = targets != IGNORE_INDEX
             losses = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets.clamp(min=0), reduction="none")
-            total_loss += losses[scored].sum().item()
-            total_tokens += int(scored.sum())
+            row_losses, row_tokens = (losses * scored).sum(-1).tolist(), scored.sum(-1).tolist()
+            total_loss += sum(row_losses)
+            total_tokens += sum(row_tokens)
             correct += int((logits[:, :-1].argmax(-1) == targets)[scored].sum())
-            counts = counts + expert_counts(router_logits, tap.top_k, mask).cpu()
+            row_counts = expert_counts_per_row(router_logits, tap.top_k, mask).cpu()
+            counts = counts + row_counts.sum(0)
+            for sample, loss, tokens, sample_counts in zip(batch, row_losses, row_tokens, row_counts):
+                by_group.add(row_groups(sample), "loss", loss, tokens)
+                routing.add(row_groups(sample), sample_counts)
             layer_entropy, tokens = entropy_sums(router_logits, mask)
             entropy, routed = entropy + layer_entropy.cpu(), routed + tokens.item()
     finally:
@@ -120,6 +128,8 @@ def heldout_loss(model: nn.Module, samples: list[dict], batch_size: int, progres
         "token_accuracy": correct / max(total_tokens, 1),
         "tokens": total_tokens,
         "router": router_figures(counts, entropy / max(routed, 1)),
+        "by_group": by_group.figures(size=("tokens", "loss")),
+        "routing_by_group": routing.figures(),
     }
 
 

@@ -9,7 +9,7 @@ from finetune.demo import main as demo_main
 
 
 @pytest.mark.slow
-def test_demo_shows_each_step_helped(tmp_path):
+def test_demo_shows_each_step_helped(tmp_path, capsys):
     out = tmp_path / "demo"
     code = demo_main(["--out", str(out), "--pretrain-steps", "400", "--sft-steps", "250", "--dpo-steps", "60"])
     summary = json.loads((out / "summary.json").read_text())
@@ -27,3 +27,12 @@ def test_demo_shows_each_step_helped(tmp_path):
         assert name in report and (out / name).read_bytes()[:4] == b"\x89PNG"
     assert "| held-out loss |" in report and "| exact match |" in report
     assert (out / "merged" / "config.json").is_file() and (out / "eval" / "dpo" / "generations.jsonl").is_file()
+    # Per language: the three models' figures, and base vs SFT routing heatmaps (one panel per language).
+    for lang in ("en", "fr", "de", "es", "it"):
+        for model in ("base", "SFT", "DPO"):
+            loss = summary["results"][model]["heldout"]["by_group"]["lang"][lang]["loss"]
+            assert f"| {lang} | {model} | {loss:.4f} |" in report
+    assert (out / "router_by_lang.png").read_bytes()[:4] == b"\x89PNG" and "router_by_lang.png" in report
+    gap = summary["results"]["SFT"]["heldout"]["routing_by_group"]["lang"]["gap"]
+    assert f"SFT {gap:.3f}" in report
+    assert capsys.readouterr().out.rstrip().splitlines()[-1] == f"talk to the DPO model: python -m finetune.chat {out / 'merged'}"

@@ -2,6 +2,7 @@
 output against its base; the load-balancing loss lowers held-out router imbalance."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,11 +55,40 @@ def test_unknown_rule_is_an_error_not_a_fail():
 
 def test_bundled_answers_follow_their_own_rules(repo_root):
     rows = [json.loads(line) for line in (repo_root / "eval" / "instructions.jsonl").read_text().splitlines()]
-    assert len(rows) == 200 and {r["lang"] for r in rows} == {"en", "fr"}
+    assert len(rows) == 200 and {r["lang"] for r in rows} == {"en", "fr", "de", "es", "it"}
+    assert len({(r["lang"], r["task"]) for r in rows}) == 5 * 5  # every task family in every language
     for row in rows:
         assert all(check_rule(row["answer"], rule) for rule in row["rules"]), row
     # ... and a wrong answer of each task breaks at least one rule or the exact match.
     assert not check_rule("Planet", rows[0]["rules"][0])
+
+
+def test_bundled_data_is_what_make_data_writes_and_holds_out_its_prompts(repo_root, tmp_path):
+    sys.path.insert(0, str(repo_root / "data"))
+    try:
+        import make_data
+    finally:
+        sys.path.remove(str(repo_root / "data"))
+    make_data.generate(out=tmp_path / "data", eval_dir=tmp_path / "eval")
+    for written in [*(tmp_path / "data").rglob("*.jsonl"), *(tmp_path / "eval").rglob("*.jsonl")]:
+        bundled = repo_root / written.relative_to(tmp_path)
+        assert written.read_bytes() == bundled.read_bytes(), f"{bundled} differs from data/make_data.py's output"
+
+    def rows(path):
+        return [json.loads(line) for line in (repo_root / path).read_text().splitlines()]
+
+    def prompts(path, key):
+        return {make_data.prompt_key(row[key]) for row in rows(path)}
+
+    held_out = prompts("data/chat/eval.jsonl", "messages") | prompts("data/preferences/eval.jsonl", "prompt")
+    trained = prompts("data/chat/train.jsonl", "messages") | prompts("data/preferences/train.jsonl", "prompt")
+    assert held_out and not held_out & trained
+    for path in ("data/chat/train.jsonl", "data/preferences/train.jsonl", "data/preferences/eval.jsonl"):
+        assert len({(r["lang"], r["task"]) for r in rows(path)}) == 25, path
+    german = [r for r in rows("data/chat/train.jsonl") if r["lang"] == "de"]
+    assert any("„" in m["content"] and "“" in m["content"] for r in german for m in r["messages"])
+    assert make_data.of_country({"country_it": "il Portogallo"}, "it") == "del Portogallo"
+    assert make_data.of_country({"country_fr": "les Pays-Bas"}, "fr") == "des Pays-Bas"
 
 
 def test_suite_errors_name_the_key_or_row(tmp_path):

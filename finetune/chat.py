@@ -1,0 +1,200 @@
+"""Talk to the model you trained: a multi-turn chat in the exact Mixtral-Instruct format, streamed.
+
+    python -m finetune.chat runs/demo/dpo                         (or: finetune chat runs/demo/dpo)
+    python -m finetune.chat runs/demo/merged --system "Réponds brièvement." --temperature 0.7
+    python -m finetune.chat runs/demo/dpo --prompt "What is 12 + 30?"        # one reply, then exit
+
+MODEL_OR_ADAPTER is loaded as finetune.evaluate loads it: a merged (or any full) model folder or Hub id, or
+an adapter folder on the base it records (or --base). Every turn, the whole conversation (the --system text,
+each user message and each reply so far) is encoded by the training encoder (finetune/chat_format.py), so
+the model reads exactly the tokens it was trained on. Replies appear token by token and stop at EOS.
+Greedy by default (--temperature 0), like evaluate's generations: `--prompt` gives the reply evaluate
+records for the same prompt.
+
+Type /reset to start a new conversation (the --system text stays), /exit or Ctrl-D to leave; Ctrl-C stops a
+reply midway (that turn is dropped). A turn that would not fit the model's context is refused with the
+sizes; when only part of --max-new-tokens fits, the reply is capped and you are told. With stdin not a
+terminal (a pipe, a script), each input line is one turn and stdout holds only the replies, each ended by a
+newline; notices go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TextIO
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from finetune.errors import InputError
+from finetune.scoring import PAD_ID, LoadedModel, check_loadable, load_for_eval
+
+
+class ContextFull(InputError):
+    """A turn whose prompt alone would not fit the model's context."""
+
+
+class ReplyStreamer(BaseStreamer):
+    """Writes a reply as `generate()` produces it. Decodes all reply ids so far with the training encoder and
+    writes what is new: SentencePiece places spaces and joins byte pieces only in context, so decoding one
+    token at a time would misplace spaces and split accented letters."""
+
+    def __init__(self, encoder, out: TextIO):
+        self.encoder, self.out = encoder, out
+        self.ids: list[int] = []
+        self.shown = ""
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first hands over the prompt
+            self.prompt_seen = True
+            return
+        self.ids += [t for t in value.reshape(-1).tolist() if t != self.encoder.eos_id]
+        self._show(final=False)
+
+    def end(self) -> None:
+        self._show(final=True)
+
+    def _show(self, final: bool) -> None:
+        text = self.encoder.decode(self.ids)
+        if not final and (text.endswith("\ufffd") or not text.startswith(self.shown)):
+            return  # a character whose bytes are still arriving, or a rewrite: wait for more
+        new = text[len(self.shown):] if text.startswith(self.shown) else ""
+        self.out.write(new)
+        self.out.flush()
+        self.shown += new
+
+
+class ChatSession:
+    """One conversation with a loaded model: the history, and replies generated from all of it."""
+
+    def __init__(self, loaded: LoadedModel, system: str | None = None, max_new_tokens: int = 512,
+                 temperature: float = 0.0):
+        self.loaded = loaded
+        self.system = system
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.turns: list[dict] = []
+        self.context = loaded.model.config.max_position_embeddings
+
+    def messages(self, user_text: str | None = None) -> list[dict]:
+        """The conversation so far (system first), with `user_text` as the next user turn."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        user = [{"role": "user", "content": user_text}] if user_text is not None else []
+        return system + self.turns + user
+
+    def reset(self) -> None:
+        self.turns = []
+
+    def reply(self, user_text: str, out: TextIO, notices: TextIO) -> str:
+        """Generate (and stream to `out`) the reply to `user_text` after the history; add both to it."""
+        encoder = self.loaded.encoder
+        ids = encoder.encode_prompt(self.messages(user_text))
+        room = self.context - len(ids)
+        if room < 1:
+            raise ContextFull(f"this turn does not fit: the conversation with it is {len(ids)} tokens and the model "
+                              f"reads at most {self.context} (max_position_embeddings); /reset starts a new "
+                              "conversation, or send a shorter message")
+        budget = min(self.max_new_tokens, room)
+        if budget < self.max_new_tokens:
+            print(f"(only {room} tokens of the model's {self.context}-token context are left: the reply stops at "
+                  f"{budget} tokens; /reset starts a new conversation)", file=notices)
+        device = next(self.loaded.model.parameters()).device
+        sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {"do_sample": False}
+        streamer = ReplyStreamer(encoder, out)
+        with torch.no_grad():
+            output = self.loaded.model.generate(
+                input_ids=torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), device=device),
+                max_new_tokens=budget, pad_token_id=PAD_ID, eos_token_id=encoder.eos_id, streamer=streamer, **sampling)
+        generated = output[0, len(ids):].tolist()
+        ended = encoder.eos_id in generated
+        reply = encoder.decode(generated[: generated.index(encoder.eos_id)] if ended else generated)
+        out.write("\n")
+        out.flush()
+        if not ended:
+            print(f"(reply cut at {budget} tokens, before the model ended it; --max-new-tokens sets the limit)",
+                  file=notices)
+        self.turns += [{"role": "user", "content": user_text}, {"role": "assistant", "content": reply}]
+        return reply
+
+
+def read_turn(stdin: TextIO, tty: bool) -> str | None:
+    """The next input line (with a `you>` prompt on a terminal); None at the end of input or on Ctrl-C."""
+    if tty and stdin is sys.stdin:
+        try:
+            return input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return None
+    line = stdin.readline()
+    return line or None
+
+
+def interactive(session: ChatSession, stdin: TextIO, out: TextIO, notices: TextIO) -> None:
+    """Read turns and commands from `stdin` until /exit or the end of input."""
+    tty = stdin.isatty()
+    if tty:
+        try:
+            import readline  # noqa: F401  (line editing and recall for input())
+        except ImportError:
+            pass
+    while (line := read_turn(stdin, tty)) is not None:
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            session.reset()
+            print("(new conversation)", file=notices)
+            continue
+        if text.startswith("/"):
+            print(f"(unknown command {text.split()[0]}; commands: /reset, /exit)", file=notices)
+            continue
+        if tty:
+            out.write("assistant> ")
+            out.flush()
+        try:
+            session.reply(text, out, notices)
+        except ContextFull as err:
+            print(f"({err})", file=notices)
+        except KeyboardInterrupt:
+            out.write("\n")
+            print("(stopped; that turn is left out of the conversation)", file=notices)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune.chat", description=__doc__.split("\n")[0])
+    parser.add_argument("model", help="merged model folder, Hub id, or adapter folder")
+    parser.add_argument("--base", help="base model for an adapter (default: the one the adapter records)")
+    parser.add_argument("--system", help="system message, folded into the first user turn as in training")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="longest reply in tokens (default 512)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampling")
+    parser.add_argument("--prompt", help="answer this one message and exit (for scripts and pipes)")
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens {args.max_new_tokens}: give at least 1")
+    if args.temperature < 0:
+        raise InputError(f"--temperature {args.temperature}: give 0 (greedy) or more")
+    if args.prompt is not None and not args.prompt.strip():
+        raise InputError("--prompt is empty: give the message to answer")
+    check_loadable(args.model, args.base)
+
+    notices = sys.stderr
+    loaded = load_for_eval(args.model, args.base)
+    session = ChatSession(loaded, args.system, args.max_new_tokens, args.temperature)
+    if args.prompt is not None:
+        session.reply(args.prompt, sys.stdout, notices)
+        return 0
+    on = f" (adapter on {loaded.base})" if loaded.base else ""
+    print(f"chatting with {args.model}{on}: Mixtral-Instruct format, {session.context}-token context. "
+          "/reset starts a new conversation, /exit leaves.", file=notices)
+    interactive(session, sys.stdin, sys.stdout, notices)
+    return 0
+
+
+if __name__ == "__main__":
+    from finetune.cli import run_guarded
+
+    sys.exit(run_guarded(main))
