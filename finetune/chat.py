@@ -113,8 +113,8 @@ class ChatSession:
         out.write("\n")
         out.flush()
         if not ended:
-            print(f"(reply cut at {budget} tokens, before the model ended it; --max-new-tokens sets the limit)",
-                  file=notices)
+            limit = "--max-new-tokens sets the limit" if budget == self.max_new_tokens else "the context is full"
+            print(f"(reply cut at {budget} tokens, before the model ended it; {limit})", file=notices)
         self.turns += [{"role": "user", "content": user_text}, {"role": "assistant", "content": reply}]
         return reply
 

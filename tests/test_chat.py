@@ -149,7 +149,9 @@ def test_context_limit_is_refused_or_caps_the_reply(tiny_model_dir, encoder, tmp
     prompt = "What is 12 + 30?"
     room = 40 - len(encoder.encode_prompt([{"role": "user", "content": prompt}]))
     assert chat_main([str(folder), "--prompt", prompt, "--max-new-tokens", "100"]) == 0
-    assert f"only {room} tokens of the model's 40-token context are left" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"only {room} tokens of the model's 40-token context are left" in err
+    assert f"reply cut at {room} tokens, before the model ended it; the context is full" in err
     # In a session the refusal is a notice, and the session goes on.
     monkeypatch.setattr("sys.stdin", io.StringIO(f"{long_prompt}\n{prompt}\n"))
     assert chat_main([str(folder), "--max-new-tokens", "3"]) == 0
