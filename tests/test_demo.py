@@ -12,6 +12,7 @@ from finetune.demo import main as demo_main
 def test_demo_shows_each_step_helped(tmp_path, capsys):
     out = tmp_path / "demo"
     code = demo_main(["--out", str(out), "--pretrain-steps", "400", "--sft-steps", "250", "--dpo-steps", "60"])
+    last_line = capsys.readouterr().out.rstrip().splitlines()[-1]
     summary = json.loads((out / "summary.json").read_text())
     base, sft, dpo = (summary["results"][m] for m in ("base", "SFT", "DPO"))
     print({m: (r["heldout"]["loss"], r["generation"]["exact_match"], r["preferences"]["logp_accuracy"])
@@ -35,4 +36,4 @@ def test_demo_shows_each_step_helped(tmp_path, capsys):
     assert (out / "router_by_lang.png").read_bytes()[:4] == b"\x89PNG" and "router_by_lang.png" in report
     gap = summary["results"]["SFT"]["heldout"]["routing_by_group"]["lang"]["gap"]
     assert f"SFT {gap:.3f}" in report
-    assert capsys.readouterr().out.rstrip().splitlines()[-1] == f"talk to the DPO model: python -m finetune.chat {out / 'merged'}"
+    assert last_line == f"talk to the DPO model: python -m finetune.chat {out / 'merged'}"
