@@ -28,7 +28,13 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from finetune.errors import InputError
-from finetune.scoring import PAD_ID, LoadedModel, check_loadable, load_for_eval
+from finetune.scoring import (
+    PAD_ID,
+    LoadedModel,
+    check_loadable,
+    load_for_eval,
+    until_eos,
+)
 
 
 class ContextFull(InputError):
@@ -107,9 +113,8 @@ class ChatSession:
             output = self.loaded.model.generate(
                 input_ids=torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), device=device),
                 max_new_tokens=budget, pad_token_id=PAD_ID, eos_token_id=encoder.eos_id, streamer=streamer, **sampling)
-        generated = output[0, len(ids):].tolist()
-        ended = encoder.eos_id in generated
-        reply = encoder.decode(generated[: generated.index(encoder.eos_id)] if ended else generated)
+        reply_ids, ended = until_eos(output[0, len(ids):].tolist(), encoder.eos_id)
+        reply = encoder.decode(reply_ids)
         out.write("\n")
         out.flush()
         if not ended:

@@ -145,45 +145,48 @@ def instruction_rows(path: str, suite: Suite) -> list[dict]:
 # The parts of a suite
 
 
+def reference_logps(loaded: LoadedModel, samples: list[dict], suite: Suite, reference: str | None,
+                    progress: bool) -> tuple[str, tuple[list[float], list[float]] | None]:
+    """(what the reference is, its (chosen, rejected) log-probabilities, or None when there is no reward to
+    compute): --reference, else an adapter's own base."""
+    if reference is None and loaded.base is not None:
+        reference = loaded.base
+    if reference is None:
+        return "none (a full model without --reference)", None
+    if _same(reference, loaded.path):
+        return f"{reference} (the model itself: no reward)", None
+    if loaded.base is not None and _same(reference, loaded.base):
+        with loaded.without_adapter():  # the base is already loaded under the adapter
+            return reference, preference_logps(loaded.model, samples, suite.batch_size, "reference", progress)
+    other = load_for_eval(reference)
+    logps = preference_logps(other.model, samples, suite.batch_size, "reference", progress)
+    del other
+    gc.collect()
+    return reference, logps
+
+
 def preference_figures(loaded: LoadedModel, samples: list[dict], suite: Suite, reference: str | None,
                        progress: bool) -> dict:
     chosen, rejected = preference_logps(loaded.model, samples, suite.batch_size, "preferences", progress)
+    reference, ref_logps = reference_logps(loaded, samples, suite, reference, progress)
+    margins = None
+    if ref_logps is not None:
+        margins = [suite.beta * ((c - rc) - (r - rr)) for c, r, rc, rr in zip(chosen, rejected, *ref_logps)]
     by_group = GroupMeans()
-    for sample, c, r in zip(samples, chosen, rejected):
-        by_group.add(row_groups(sample), "logp_accuracy", c > r)
-    figures = {
+    for i, sample in enumerate(samples):
+        groups = row_groups(sample)
+        by_group.add(groups, "logp_accuracy", chosen[i] > rejected[i])
+        if margins is not None:
+            by_group.add(groups, "accuracy", margins[i] > 0)
+            by_group.add(groups, "margin", margins[i])
+    return {
         "pairs": len(samples),
         "logp_accuracy": sum(c > r for c, r in zip(chosen, rejected)) / len(samples),
-        "reference": None,
-        "accuracy": None,
-        "margin": None,
+        "reference": reference,
+        "accuracy": sum(m > 0 for m in margins) / len(margins) if margins is not None else None,
+        "margin": sum(margins) / len(margins) if margins is not None else None,
         "by_group": by_group.figures(size=("pairs", "logp_accuracy")),
     }
-    reference_logps = None
-    if reference is None and loaded.base is not None:
-        reference = loaded.base
-    if reference is not None and _same(reference, loaded.path):
-        figures["reference"] = f"{reference} (the model itself: no reward)"
-        return figures
-    if reference is not None and loaded.base is not None and _same(reference, loaded.base):
-        with loaded.without_adapter():  # the base is already loaded under the adapter
-            reference_logps = preference_logps(loaded.model, samples, suite.batch_size, "reference", progress)
-    elif reference is not None:
-        other = load_for_eval(reference)
-        reference_logps = preference_logps(other.model, samples, suite.batch_size, "reference", progress)
-        del other
-        gc.collect()
-    if reference_logps is None:
-        figures["reference"] = "none (a full model without --reference)"
-        return figures
-    ref_chosen, ref_rejected = reference_logps
-    margins = [suite.beta * ((c - rc) - (r - rr)) for c, r, rc, rr in zip(chosen, rejected, ref_chosen, ref_rejected)]
-    for sample, margin in zip(samples, margins):
-        by_group.add(row_groups(sample), "accuracy", margin > 0)
-        by_group.add(row_groups(sample), "margin", margin)
-    figures.update(reference=reference, accuracy=sum(m > 0 for m in margins) / len(margins),
-                   margin=sum(margins) / len(margins), by_group=by_group.figures(size=("pairs", "logp_accuracy")))
-    return figures
 
 
 def generation_figures(loaded: LoadedModel, rows: list[dict], suite: Suite, progress: bool) -> tuple[dict, list[dict]]:

@@ -115,8 +115,9 @@ def heldout_loss(model: nn.Module, samples: list[dict], batch_size: int, progres
             row_counts = expert_counts_per_row(router_logits, tap.top_k, mask).cpu()
             counts = counts + row_counts.sum(0)
             for sample, loss, tokens, sample_counts in zip(batch, row_losses, row_tokens, row_counts):
-                by_group.add(row_groups(sample), "loss", loss, tokens)
-                routing.add(row_groups(sample), sample_counts)
+                groups = row_groups(sample)
+                by_group.add(groups, "loss", loss, tokens)
+                routing.add(groups, sample_counts)
             layer_entropy, tokens = entropy_sums(router_logits, mask)
             entropy, routed = entropy + layer_entropy.cpu(), routed + tokens.item()
     finally:
@@ -178,7 +179,10 @@ def generate_replies(model: nn.Module, encoder: ChatEncoder, prompts: list[list[
         mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids], device=device)
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=PAD_ID, eos_token_id=eos)
-        for row in out[:, width:].tolist():
-            row = row[: row.index(eos)] if eos in row else row
-            replies.append(encoder.decode(row))
+        replies += [encoder.decode(until_eos(row, eos)[0]) for row in out[:, width:].tolist()]
     return replies
+
+
+def until_eos(generated: list[int], eos_id: int) -> tuple[list[int], bool]:
+    """(the reply's ids before EOS, whether EOS ended it) from the ids `generate` added after a prompt."""
+    return (generated[: generated.index(eos_id)], True) if eos_id in generated else (generated, False)
