@@ -76,7 +76,7 @@ def main():
                         help="dataset sizes; the targets are read at the first")
     parser.add_argument("--words", type=int, default=900, help="words per conversation")
     args = parser.parse_args()
-    from finetune.tiny import make_tiny_mixtral
+    from finetune.model.tiny import make_tiny_mixtral
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

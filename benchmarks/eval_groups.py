@@ -58,7 +58,7 @@ def main():
     parser.add_argument("--scale", type=int, default=4, help="the larger suite is the bundled rows this many times")
     args = parser.parse_args()
 
-    from finetune.tiny import make_tiny_mixtral
+    from finetune.model.tiny import make_tiny_mixtral
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

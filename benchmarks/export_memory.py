@@ -61,9 +61,9 @@ def build(work: Path, hidden: int, layers: int, experts: int, shard_size: str):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from finetune.config import load_recipe
-    from finetune.model import lora_config
-    from finetune.tiny import make_tiny_mixtral
+    from finetune.model.lora_targets import lora_config
+    from finetune.model.tiny import make_tiny_mixtral
+    from finetune.recipe.loading import load_recipe
 
     base = make_tiny_mixtral(work / "base", seed=0, max_shard_size=shard_size, layers=layers, experts=experts,
                              hidden=hidden, intermediate=3 * hidden, heads=8, kv_heads=2)

@@ -10,7 +10,7 @@ step on a single conversation whose reply fills the sample, so nearly every posi
 case where an LM head that builds all of its logits at once holds tokens x 32000 fp32 numbers several
 times over. Each run is a fresh process; a thread samples its resident memory every 2 ms, and what
 counts is the peak during the command minus the resident memory after the imports. "one piece" sets
-`finetune.lm_head.CHUNK_ROWS` above the sample length, so the head scores every position at once: what
+`finetune.model.lm_head.CHUNK_ROWS` above the sample length, so the head scores every position at once: what
 the head cost before it was chunked. It runs only up to `--one-piece-up-to` tokens (at 30k it needs
 about 18 GB).
 
@@ -33,7 +33,7 @@ from export_memory import peak_rss
 from packing import tokens_per_second
 
 ROOT = Path(__file__).resolve().parent.parent
-IMPORTS = "import torch, transformers, peft, trl, finetune.sft, finetune.lm_head"
+IMPORTS = "import torch, transformers, peft, trl, finetune.sft, finetune.model.lm_head"
 STEP = ("finetune.sft.main(['recipes/tiny/sft.yaml', 'model={base}', 'output_dir={out}', 'resume=never', "
         "'launch=null', 'data.train=[{{path: {data}}}]', 'data.eval=[]', 'data.eval_fraction=0', "
         "'data.max_length=32768', 'train.max_steps=1', 'train.per_device_train_batch_size=1', "
@@ -41,7 +41,7 @@ STEP = ("finetune.sft.main(['recipes/tiny/sft.yaml', 'model={base}', 'output_dir
 THROUGHPUT = ("finetune.sft.main(['recipes/tiny/sft.yaml', 'model={base}', 'output_dir={out}', 'resume=never', "
               "'launch=null', 'train.max_steps={steps}', 'train.logging_steps={every}', 'train.eval_strategy=no', "
               "'train.save_strategy=no', 'train.report_to=none', 'train.disable_tqdm=true'])")
-ONE_PIECE = "finetune.lm_head.CHUNK_ROWS = 10**9\n"
+ONE_PIECE = "finetune.model.lm_head.CHUNK_ROWS = 10**9\n"
 
 
 def run(code: str, tree: Path = ROOT) -> tuple[float, float, str]:
@@ -75,8 +75,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    from finetune.chat_format import ChatEncoder, bundled_sentencepiece_path
-    from finetune.tiny import make_tiny_mixtral
+    from finetune.data.chat_format import ChatEncoder, bundled_sentencepiece_path
+    from finetune.model.tiny import make_tiny_mixtral
 
     encoder = ChatEncoder(bundled_sentencepiece_path())
     rows = []

@@ -1,4 +1,4 @@
-"""Expert LoRA speed and memory: the frozen MoE layer vs PEFT's expert LoRA vs ours (finetune/expert_lora.py).
+"""Expert LoRA speed and memory: the frozen MoE layer vs PEFT's expert LoRA vs ours (finetune/moe/expert_lora.py).
 
     python benchmarks/moe_lora.py                       # the default CPU shape "h1024" (H 1024, I 3584, 8 experts, 2048 tokens)
     python benchmarks/moe_lora.py --shape small         # a quick run
@@ -13,7 +13,7 @@ median over rounds. Peak memory: on CUDA the allocator's peak over the step minu
 before it; on CPU the peak resident memory (sampled every 0.5 ms) over the step minus the resident
 memory before it, with freed memory handed back to the OS first (malloc_trim).
 Targets: CPU step <= 1.15 x frozen and extra memory <= 0.1 x PEFT's extra; GPU >= 1.5 x faster
-than grouped_mm + PEFT. With --nf4, "nf4" is "ours" with the experts stored in 4 bits (finetune/nf4.py):
+than grouped_mm + PEFT. With --nf4, "nf4" is "ours" with the experts stored in 4 bits (finetune/moe/nf4.py):
 targets expert weight memory <= 0.30 x bf16 and step time <= 1.5 x ours on CPU.
 """
 
@@ -68,7 +68,7 @@ def with_lora(layer, kind: str, rank: int):
             if "lora_B" in name:  # non-zero, as after some training
                 param.normal_(0, 0.01)
     if kind == "ours":
-        from finetune.expert_lora import use_routed_expert_lora
+        from finetune.moe.expert_lora import use_routed_expert_lora
 
         assert use_routed_expert_lora(layer) == 1
     return layer
@@ -130,7 +130,7 @@ def step(layer, x, grad):
 
 def with_nf4_experts(layer):
     """The layer with its expert stacks replaced by NF4 ones, quantized from the same weights."""
-    from finetune.nf4 import NF4ExpertStack
+    from finetune.moe.nf4 import NF4ExpertStack
 
     experts = next(m for m in layer.modules() if hasattr(m, "gate_up_proj") and hasattr(m, "num_experts"))
     for name in ("gate_up_proj", "down_proj"):
@@ -142,7 +142,7 @@ def with_nf4_experts(layer):
 
 def expert_bytes(layer) -> tuple[int, int]:
     """(bytes the expert stacks take, bytes they would take in bf16)."""
-    from finetune.nf4 import NF4ExpertStack
+    from finetune.moe.nf4 import NF4ExpertStack
 
     stacks = [p for n, p in layer.named_parameters() if n.endswith(("gate_up_proj", "down_proj"))]
     stored = sum(p.stored_bytes if isinstance(p, NF4ExpertStack) else p.nbytes for p in stacks)
@@ -206,9 +206,9 @@ def bench_sft(steps: int) -> None:
     """Tokens/s of the tiny SFT recipe, ours vs PEFT's expert path, alternating runs in this process."""
     import tempfile
 
-    from finetune.config import load_recipe
+    from finetune.model.tiny import make_tiny_mixtral
+    from finetune.recipe.loading import load_recipe
     from finetune.sft import build
-    from finetune.tiny import make_tiny_mixtral
 
     work = Path(tempfile.mkdtemp())
     base = make_tiny_mixtral(work / "base", seed=0, pretrain_steps=0)

@@ -9,7 +9,7 @@ temporary JSONL file. Both runs are `python -m finetune.sft recipes/tiny/sft.yam
 4096, eval and saving off, the same seed; padded: micro-batch 4 samples (the collator pads each batch to
 its longest sample); packed: micro-batch 1 row of up to 4096 tokens (TRL's best-fit-decreasing packing,
 padding-free). Each run is a fresh process, the two alternate, and tokens/s is the mean of the logged
-values (finetune/moe_trainer.py counts non-pad tokens).
+values (finetune/train/trainer.py counts non-pad tokens).
 `--hidden 512` runs a wider tiny Mixtral (intermediate 3 x hidden, 8 heads): there the layers, which also
 run on pad tokens, outweigh the LM head, which scores only trained positions in both runs, as in Mixtral
 8x7B. The script also prints the share of pad tokens in padded batches of this mix.
@@ -80,8 +80,8 @@ def main():
     parser.add_argument("--hidden", type=int, default=64)
     args = parser.parse_args()
 
-    from finetune.chat_format import ChatEncoder, bundled_sentencepiece_path
-    from finetune.tiny import make_tiny_mixtral
+    from finetune.data.chat_format import ChatEncoder, bundled_sentencepiece_path
+    from finetune.model.tiny import make_tiny_mixtral
 
     rows = conversations(args.conversations)
     encoder = ChatEncoder(bundled_sentencepiece_path())

@@ -59,7 +59,7 @@ def main():
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--launch", default="recipes/accelerate/cpu_zero3.yaml", help="accelerate config (2 processes)")
     args = parser.parse_args()
-    from finetune.tiny import make_tiny_mixtral
+    from finetune.model.tiny import make_tiny_mixtral
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

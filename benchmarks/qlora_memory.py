@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def measure(work: Path, layers: int, args) -> dict:
-    from finetune.tiny import make_tiny_mixtral
+    from finetune.model.tiny import make_tiny_mixtral
 
     base = make_tiny_mixtral(work / "base", seed=0, max_shard_size="100MB", layers=layers, experts=args.experts,
                              hidden=args.hidden, intermediate=3 * args.hidden, heads=8, kv_heads=2, pretrain_steps=0)

@@ -6,7 +6,7 @@
 
 MODEL_OR_ADAPTER is loaded as finetune.evaluate loads it: a merged (or any full) model folder or Hub id, or
 an adapter folder on the base it records (or --base). Every turn, the whole conversation (the --system text,
-each user message and each reply so far) is encoded by the training encoder (finetune/chat_format.py), so
+each user message and each reply so far) is encoded by the training encoder (finetune/data/chat_format.py), so
 the model reads exactly the tokens it was trained on. Replies appear token by token and stop at EOS.
 Greedy by default (--temperature 0), like evaluate's generations: `--prompt` gives the reply evaluate
 records for the same prompt.
@@ -27,14 +27,10 @@ from typing import TextIO
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from finetune.cli import invoked_as
 from finetune.errors import InputError
-from finetune.scoring import (
-    PAD_ID,
-    LoadedModel,
-    check_loadable,
-    load_for_eval,
-    until_eos,
-)
+from finetune.evaluation.loading import LoadedModel, check_loadable, load_for_eval
+from finetune.evaluation.scoring import PAD_ID, until_eos
 
 
 class ContextFull(InputError):
@@ -170,7 +166,7 @@ def interactive(session: ChatSession, stdin: TextIO, out: TextIO, notices: TextI
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m finetune.chat", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=invoked_as("chat"), description=__doc__.split("\n")[0])
     parser.add_argument("model", help="merged model folder, Hub id, or adapter folder")
     parser.add_argument("--base", help="base model for an adapter (default: the one the adapter records)")
     parser.add_argument("--system", help="system message, folded into the first user turn as in training")

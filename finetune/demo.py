@@ -26,15 +26,17 @@ import sys
 import time
 from pathlib import Path
 
-from finetune.eval_report import (
+from finetune.cli import invoked_as
+from finetune.evaluation.plots import log_series, loss_curves, router_heatmaps
+from finetune.evaluation.report import (
     comparison_rows,
     group_rows,
     group_sections,
     markdown_table,
     text_table,
 )
-from finetune.evaluate import evaluate, load_suite
-from finetune.plots import log_series, loss_curves, router_heatmaps
+from finetune.evaluation.run import evaluate
+from finetune.evaluation.suite import load_suite
 
 SUITE = "eval/bundled.yaml"
 MODELS = ("base", "SFT", "DPO")
@@ -122,7 +124,7 @@ def claim_demo_folder(out: Path) -> None:
     """Make `out` the demo's folder: new, empty, or written by an earlier demo (marked), which is replaced.
     Any other folder is refused: the demo never deletes what it did not write. Not staged and renamed like
     finetune.export: the adapters it writes record the base's path, which a rename would break."""
-    from finetune.output_folder import OutputError, check_output, listing
+    from finetune.files.output_folder import OutputError, check_output, listing
 
     check_output(out, {"repository's bundled data": Path(SUITE).resolve().parent.parent / "data"}, overwrite=True)
     if out.is_dir() and any(out.iterdir()):
@@ -135,8 +137,8 @@ def claim_demo_folder(out: Path) -> None:
     (out / DEMO_MARKER).write_text("written by python -m finetune.demo; a later demo run may replace this folder\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m finetune.demo", description=__doc__.split("\n")[0])
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=invoked_as("demo"), description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/demo",
                         help="everything goes here; an earlier demo's folder is replaced, any other non-empty one refused")
     parser.add_argument("--pretrain-steps", type=int, default=500, help="tiny base pretraining steps")
@@ -144,22 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sft-steps", type=int, default=300, help="0: recipes/tiny/sft.yaml's max_steps")
     parser.add_argument("--dpo-steps", type=int, default=None, help="default: recipes/tiny/dpo.yaml's")
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N rows of each file")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    from finetune.chat_format import ChatEncoder, bundled_sentencepiece_path
-    from finetune.dpo import main as dpo_main
-    from finetune.export import export
-    from finetune.sft import main as sft_main
-    from finetune.tiny import PRETRAIN_BATCH, PRETRAIN_LENGTH, make_tiny_mixtral
 
-    out = Path(args.out)
-    claim_demo_folder(out)
-    # lm-eval tasks stay out: the demo's figures must not depend on what else is installed.
-    suite = load_suite(SUITE, ["lm_eval_tasks=[]"] + ([f"limit={args.eval_limit}"] if args.eval_limit else []))
-    started = time.perf_counter()
-    timings: dict = {}
-    base, sft, dpo, merged = out / "base", out / "sft", out / "dpo", out / "merged"
-    common = ["resume=never", "launch=null", "train.report_to=none", "train.save_strategy=no"]
+def make_base(args, base: Path, timings: dict) -> None:
+    from finetune.model.tiny import PRETRAIN_BATCH, PRETRAIN_LENGTH, make_tiny_mixtral
 
     # Wider than finetune.tiny's default (64): at 64 the base cannot hold the bundled facts well enough for
     # exact answers after SFT (1 in 200 held-out prompts after 450 steps; 10 in 200 at 128).
@@ -170,42 +161,42 @@ def main(argv: list[str] | None = None) -> int:
     pretrain_tokens = args.pretrain_steps * PRETRAIN_BATCH * PRETRAIN_LENGTH
     timings["base"].update(tokens_per_second=pretrain_tokens / timings["base"]["seconds"], output=str(base))
 
-    stage(2, "SFT", "recipes/tiny/sft.yaml: LoRA on attention, experts and router, load-balancing loss")
-    steps = [f"train.max_steps={args.sft_steps}"] if args.sft_steps else []
-    code = run_stage(timings, "SFT", lambda: sft_main(["recipes/tiny/sft.yaml", f"model={base}", f"output_dir={sft}",
-                                                       *common, *steps]))
-    if code:
-        return code
-    sft_run = training_figures(sft)
-    timings["SFT"].update(tokens_per_second=sft_run["tokens_per_second"], output=str(sft))
 
-    stage(3, "DPO", "recipes/tiny/dpo.yaml from the SFT adapter (reference = the SFT policy)")
-    steps = [f"train.max_steps={args.dpo_steps}"] if args.dpo_steps else []
-    code = run_stage(timings, "DPO", lambda: dpo_main(["recipes/tiny/dpo.yaml", f"model={base}", f"output_dir={dpo}",
-                                                       f"dpo.sft_adapter={sft}", *common, *steps]))
+def train_stage(timings: dict, name: str, command, argv: list[str], out: Path) -> tuple[int, dict]:
+    """Run a training command as a user would; (its exit code, its figures when it succeeded)."""
+    code = run_stage(timings, name, lambda: command(argv))
     if code:
-        return code
-    dpo_run = training_figures(dpo)
-    timings["DPO"].update(tokens_per_second=dpo_run["tokens_per_second"], output=str(dpo))
+        return code, {}
+    figures = training_figures(out)
+    timings[name].update(tokens_per_second=figures["tokens_per_second"], output=str(out))
+    return 0, figures
+
+
+def export_stage(timings: dict, dpo: Path, merged: Path, tolerance: float) -> float:
+    from finetune.data.chat_format import ChatEncoder, bundled_sentencepiece_path
+    from finetune.export import export
 
     stage(4, "export", "merge the DPO adapter into the base, shard by shard, and verify the logits")
     encoder = ChatEncoder(bundled_sentencepiece_path())
     prompts = [encoder.encode_prompt([{"role": "user", "content": text}]) for text in
                ("What is 12 + 30?", "Écris « pomme » à l'envers.", "Wie heißt die Hauptstadt von Japan?",
                 "¿Cuánto es 7 × 8?", "Scrivi «mela» in maiuscolo.")]
-    tolerance = 1e-3
     export_diff = run_stage(timings, "export", lambda: export([str(dpo)], merged, verify=True, prompts=prompts,
                                                               tolerance=tolerance).max_logit_difference)
     timings["export"]["output"] = str(merged)
     print(f"max |logit difference| merged vs base + adapter: {export_diff:.2e}")
+    return export_diff
 
+
+def evaluate_stage(timings: dict, suite, out: Path, folders: tuple[Path, Path, Path]) -> dict:
+    """Base, SFT and DPO on the suite, each with the base as the preference reference; their figures."""
     stage(5, "evaluate", f"base, SFT and DPO on {SUITE} (held-out)")
     results = {}
 
     def evaluate_all():
-        for name, path in zip(MODELS, (base, sft, dpo)):
+        for name, path in zip(MODELS, folders):
             print(f"evaluating {name}")
-            results[name], records = evaluate(str(path), suite, reference=str(base))
+            results[name], records = evaluate(str(path), suite, reference=str(folders[0]))
             folder = out / "eval" / name.lower()
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "metrics.json").write_text(json.dumps(results[name], indent=2, ensure_ascii=False) + "\n")
@@ -214,15 +205,10 @@ def main(argv: list[str] | None = None) -> int:
 
     run_stage(timings, "evaluate", evaluate_all)
     timings["evaluate"]["output"] = str(out / "eval")
+    return results
 
-    stage(6, "report", str(out / "report.md"))
-    passed = checks(results, export_diff, tolerance)
-    total = time.perf_counter() - started
-    report = write_report(out, results, timings, passed, sft_run, dpo_run, total)
-    summary = {"seconds": total, "stages": timings, "checks": [{"check": t, "passed": ok} for t, ok in passed],
-               "results": {m: results[m] for m in MODELS}, "export_max_logit_difference": export_diff}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
 
+def print_summary(results: dict, timings: dict, passed: list, total: float, report: Path, merged: Path) -> None:
     print("\n" + text_table(["figure", *MODELS], comparison_rows([(m, results[m]) for m in MODELS])))
     print("\n" + text_table(["stage", "seconds", "tokens/s"],
                             [[n, f"{t['seconds']:.1f}", f"{t['tokens_per_second']:,.0f}" if t.get("tokens_per_second")
@@ -233,6 +219,47 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + text_table(*group_rows([(m, results[m]) for m in MODELS], "lang")))
     print(f"\ntotal {total / 60:.1f} min; report: {report}")
     print(f"talk to the DPO model: python -m finetune.chat {merged}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from finetune.dpo import main as dpo_main
+    from finetune.sft import main as sft_main
+
+    args = parse_arguments(argv)
+    out = Path(args.out)
+    claim_demo_folder(out)
+    # lm-eval tasks stay out: the demo's figures must not depend on what else is installed.
+    suite = load_suite(SUITE, ["lm_eval_tasks=[]"] + ([f"limit={args.eval_limit}"] if args.eval_limit else []))
+    started = time.perf_counter()
+    timings: dict = {}
+    base, sft, dpo, merged = out / "base", out / "sft", out / "dpo", out / "merged"
+    common = [f"model={base}", "resume=never", "launch=null", "train.report_to=none", "train.save_strategy=no"]
+
+    make_base(args, base, timings)
+    stage(2, "SFT", "recipes/tiny/sft.yaml: LoRA on attention, experts and router, load-balancing loss")
+    steps = [f"train.max_steps={args.sft_steps}"] if args.sft_steps else []
+    code, sft_run = train_stage(timings, "SFT", sft_main, ["recipes/tiny/sft.yaml", f"output_dir={sft}", *common,
+                                                           *steps], sft)
+    if code:
+        return code
+    stage(3, "DPO", "recipes/tiny/dpo.yaml from the SFT adapter (reference = the SFT policy)")
+    steps = [f"train.max_steps={args.dpo_steps}"] if args.dpo_steps else []
+    code, dpo_run = train_stage(timings, "DPO", dpo_main, ["recipes/tiny/dpo.yaml", f"output_dir={dpo}",
+                                                           f"dpo.sft_adapter={sft}", *common, *steps], dpo)
+    if code:
+        return code
+    tolerance = 1e-3
+    export_diff = export_stage(timings, dpo, merged, tolerance)
+    results = evaluate_stage(timings, suite, out, (base, sft, dpo))
+
+    stage(6, "report", str(out / "report.md"))
+    passed = checks(results, export_diff, tolerance)
+    total = time.perf_counter() - started
+    report = write_report(out, results, timings, passed, sft_run, dpo_run, total)
+    summary = {"seconds": total, "stages": timings, "checks": [{"check": t, "passed": ok} for t, ok in passed],
+               "results": {m: results[m] for m in MODELS}, "export_max_logit_difference": export_diff}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    print_summary(results, timings, passed, total, report, merged)
     return 0 if all(ok for _, ok in passed) else 1
 
 

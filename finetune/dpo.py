@@ -13,7 +13,7 @@ trains on it, the adapter-free model being the reference. `train.precompute_ref_
 computes the reference log-probs once before training.
 
 The loss is TRL's DPO loss (`train.loss_type`: sigmoid, ipo, hinge, robust, ...; `train.beta`,
-`train.label_smoothing`) plus the same router losses as SFT, added the same way (finetune/moe_trainer.py).
+`train.label_smoothing`) plus the same router losses as SFT, added the same way (finetune/train/trainer.py).
 """
 
 from __future__ import annotations
@@ -21,20 +21,32 @@ from __future__ import annotations
 import functools
 import sys
 
+import torch
+from transformers import set_seed
 from trl import DPOTrainer
 
-from finetune.config import Recipe
-from finetune.lm_head import use_compact_lm_head
-from finetune.model import apply_method, load_base_model, use_expert_kernel
-from finetune.moe_trainer import MoETrainerMixin
-from finetune.runs import TrainingPass
+from finetune.cli import invoked_as
+from finetune.data.chat_format import encoder_for
+from finetune.errors import CheckFailed
+from finetune.model.lm_head import use_compact_lm_head
+from finetune.model.loading import load_base_model
+from finetune.model.lora_targets import make_trainable, select_expert_kernel
+from finetune.recipe.loading import load_recipe
+from finetune.recipe.schema import Recipe
+from finetune.train.arguments import trainer_args
+from finetune.train.checkpoints import resume_checkpoint
+from finetune.train.launch import is_main_process, prepare_for_launch, relaunch_with_accelerate, should_relaunch
+from finetune.train.outputs import push_outputs, save_outputs
+from finetune.train.preflight import preflight
+from finetune.train.steps import announce, load_data, parse_command_line, train, trainer_inputs
+from finetune.train.trainer import MoETrainerMixin
 
 REFERENCE_ADAPTER = "ref"
 
 
 class MoEDPOTrainer(MoETrainerMixin, DPOTrainer):
     """TRL's DPOTrainer on our exact token ids, plus the router losses, router health and throughput of
-    finetune/moe_trainer.py (the DPO loss itself logged as `dpo_loss`)."""
+    finetune/train/trainer.py (the DPO loss itself logged as `dpo_loss`)."""
 
     task_loss_name = "dpo_loss"
 
@@ -59,24 +71,83 @@ class MoEDPOTrainer(MoETrainerMixin, DPOTrainer):
             del model.save_pretrained
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        # finetune.data already produced prompt_ids / chosen_ids / rejected_ids exactly as mistral_common
-        # would; TRL's re-tokenization through the transformers tokenizer is not SentencePiece-exact.
+        # finetune/data/rows.py already produced prompt_ids / chosen_ids / rejected_ids exactly as
+        # mistral_common would; TRL's re-tokenization through the transformers tokenizer is not SentencePiece-exact.
         return dataset
 
 
 def load_policy(recipe: Recipe):
-    """Base + SFT adapter as the trainable policy (TRL adds the frozen reference copy). The adapter was
-    checked before loading (finetune.model.check_sft_adapter)."""
+    """Base + SFT adapter as the trainable policy (TRL adds the frozen reference copy); without
+    `dpo.sft_adapter`, a fresh adapter on `model`. The adapter was checked at preflight."""
     base = load_base_model(recipe)
     if recipe.dpo.sft_adapter is None:
-        return apply_method(base, recipe)
+        return make_trainable(base, recipe)
     from peft import PeftModel
 
-    return use_expert_kernel(PeftModel.from_pretrained(base, recipe.dpo.sft_adapter, is_trainable=True), recipe)
+    return select_expert_kernel(PeftModel.from_pretrained(base, recipe.dpo.sft_adapter, is_trainable=True), recipe)
 
 
-DPO = TrainingPass("dpo", MoEDPOTrainer, load_policy, __doc__.split("\n")[0])
-build, main = DPO.build, DPO.main  # recipe -> (trainer, encoder); the command line
+def reference_for(recipe: Recipe) -> str:
+    """What the DPO reference is, in words: the SFT policy, never the raw base."""
+    if recipe.dpo.sft_adapter is None:
+        return f"{recipe.model} itself (the model without the fresh adapter, which starts at zero)"
+    return f"the SFT policy {recipe.dpo.sft_adapter} (a frozen copy of the adapter the policy starts from)"
+
+
+def check_reference(trainer, recipe: Recipe, reference: str) -> None:
+    """After the trainer is built, before any step: with `dpo.sft_adapter`, TRL must have copied the policy adapter
+    into a frozen `ref` adapter, so the reference is the SFT policy and the first loss ln 2. Some TRL / PEFT
+    versions skip the copy and silently use the adapter-disabled base instead: refuse that here, by name."""
+    if trainer.is_world_process_zero():
+        print(f"reference: {reference}")
+    if recipe.dpo.sft_adapter is None:
+        return
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if REFERENCE_ADAPTER not in getattr(model, "peft_config", {}):
+        raise CheckFailed(f"{recipe.source}: TRL made no frozen '{REFERENCE_ADAPTER}' copy of the SFT adapter "
+                          f"{recipe.dpo.sft_adapter}, so its reference would be the base model, not the SFT policy; "
+                          "use the trl and peft versions pinned in pyproject.toml")
+    parameters = dict(model.named_parameters())
+    for name, param in parameters.items():
+        if ".default." in name:
+            copy = parameters.get(name.replace(".default.", f".{REFERENCE_ADAPTER}."))
+            if copy is None or not torch.equal(copy, param):
+                raise CheckFailed(f"{recipe.source}: the reference adapter differs from the SFT policy at {name}")
+
+
+def build(recipe: Recipe, args=None):
+    """Data, policy and trainer for a DPO recipe: (trainer, encoder). `args`: its TRL arguments, when built."""
+    args = args or trainer_args(recipe)
+    # Data: prompt, chosen and rejected ids exactly as mistral_common encodes them; pairs are never packed.
+    encoder = encoder_for(recipe)
+    pairs = load_data(recipe, args, encoder)
+    # Policy = reference = the SFT policy at step 0 (TRL copies the adapter), so the first loss is ln 2.
+    set_seed(args.seed)
+    policy = prepare_for_launch(load_policy(recipe))
+    announce(policy, recipe, args, pairs)
+    trainer = MoEDPOTrainer(model=policy, args=args, **trainer_inputs(recipe, pairs, encoder))
+    return trainer, encoder
+
+
+def main(argv: list[str] | None = None) -> int:
+    command = parse_command_line(invoked_as("dpo"), __doc__, argv)
+    # Recipe, and everything refused before any weight loads (output folder, model config, the SFT adapter).
+    recipe = load_recipe(command.recipe, command.overrides, expect_kind="dpo")
+    args = preflight(recipe)
+    reference = reference_for(recipe)
+    # Under the recipe's `launch` file, unless already launched: the child runs the steps below.
+    if should_relaunch(recipe):
+        return relaunch_with_accelerate(recipe, command.recipe, command.overrides)
+    # Resume: the newest complete checkpoint of this same run, if output_dir holds one.
+    resume_from = resume_checkpoint(recipe, is_main_process())
+    trainer, encoder = build(recipe, args)
+    # Reference: TRL's frozen copy of the SFT adapter, never the raw base (checked before any step).
+    check_reference(trainer, recipe, reference)
+    interrupted = train(trainer, recipe, resume_from)
+    if interrupted:
+        return interrupted
+    save_outputs(trainer, recipe, encoder)  # the policy adapter only, tokenizer, recipe, log, model card
+    return push_outputs(recipe, trainer.is_world_process_zero())
 
 
 if __name__ == "__main__":

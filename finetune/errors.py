@@ -1,16 +1,31 @@
-"""The two kinds of failure a command reports in one `error:` line (finetune.cli.run_guarded, the same for
+"""How a command fails, and the exit code each way of ending has: the one table of them.
+
+Bad input and failed checks end in one `error:` line (finetune.cli.run_guarded, the same for
 `python -m finetune.X` and `finetune X`); anything else is a bug and keeps its traceback.
 
-- `InputError`, exit 2: bad input. The message names it (recipe file and key, data file and line, folder,
-  option) and the fix; nothing was written.
-- `CheckFailed`, exit 1: the work ran but failed its own check (an export that does not reproduce base +
-  adapters, an upload that did not complete); the message says what is left as it was.
+| exit | name                | meaning                                                                        |
+|------|---------------------|--------------------------------------------------------------------------------|
+| 0    | -                   | done                                                                           |
+| 1    | `EXIT_CHECK_FAILED` | `CheckFailed`: the work ran but failed its own check (an export that does not  |
+|      |                     | reproduce base + adapters, an upload that did not complete); the message says |
+|      |                     | what is left as it was                                                         |
+| 2    | `EXIT_BAD_INPUT`    | `InputError`: bad input, named in the message (recipe file and key, data file |
+|      |                     | and line, folder, option) with the fix; nothing was written                    |
+| 3    | `EXIT_PUSH_FAILED`  | training finished and its outputs are saved, but the Hub push (`hub.repo_id`) |
+|      |                     | failed: push them later with `finetune push`                                   |
+| 75   | `EXIT_INTERRUPTED`  | stopped by SIGTERM with a checkpoint; run the same command again to continue   |
+|      |                     | (EX_TEMPFAIL from sysexits.h, "try again later": a job script can requeue on it)|
 """
+
+EXIT_CHECK_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_PUSH_FAILED = 3
+EXIT_INTERRUPTED = 75
 
 
 class InputError(ValueError):
-    """Bad input, named in the message with the way to fix it."""
+    """Bad input, named in the message with the way to fix it (exit 2)."""
 
 
 class CheckFailed(RuntimeError):
-    """The work ran and failed its own check; nothing it should not have touched was changed."""
+    """The work ran and failed its own check; nothing it should not have touched was changed (exit 1)."""

@@ -2,300 +2,34 @@
 
     python -m finetune.plan recipes/sft.yaml --gpus 8 --gpu-memory 80 [--nodes 1] [--zero 3] [--offload]
 
-Parameter counts come from the model built on the meta device with the recipe's own LoRA (or full)
-setup, so they are exact. ZeRO stage and offload come from the recipe's `launch` config (its DeepSpeed
-JSON) unless given here. The model states follow DeepSpeed's accounting (16-bit weights; per trained
-parameter 16 more bytes: fp32 master weights, gradients, Adam moments), split into trainable and frozen
-parameters, which DeepSpeed's own estimators (printed alongside) do not: they assume every parameter
-trains. Added on top: the ZeRO-3 gather of one whole sparse MoE block (a leaf unit) with its prefetch,
-activations under gradient checkpointing (an estimate), and runtime overhead.
+How the plan is computed: finetune/planning/memory.py; what fits instead: finetune/planning/alternatives.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import resource
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import torch
-
-from finetune.config import Recipe, RecipeError, load_recipe
+from finetune.cli import invoked_as
 from finetune.errors import InputError
-from finetune.typed_yaml import parse_yaml
-
-GIB = 1024**3
-# Public configuration of Mixtral 8x7B, used when the Hub cannot be reached (the plan needs no weights).
-KNOWN_CONFIGS = {
-    "mistralai/Mixtral-8x7B-v0.1": dict(
-        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
-        max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=False,
-    ),
-}
-KNOWN_CONFIGS["mistralai/Mixtral-8x7B-Instruct-v0.1"] = KNOWN_CONFIGS["mistralai/Mixtral-8x7B-v0.1"]
-GPU_RUNTIME_BYTES = 1.5 * GIB  # CUDA context, NCCL buffers, allocator slack
-ONE_GPU_SIZES = (80, 48)  # GiB: the verdicts a 4-bit recipe gets without --gpu-memory (an 80 and a 48 GB GPU)
-
-
-@dataclass
-class Counts:
-    total: int
-    trainable: int
-    largest_block: int  # parameters of the largest sparse MoE block (gathered as one ZeRO-3 leaf)
-    quantizable: int = 0  # frozen weights `quantization: nf4` stores in 4 bits (attention projections, experts)
-    quantized_bytes: float = 0.0  # what those take in 4 bits, with their block scales
-
-
-@dataclass(frozen=True)
-class Setup:
-    """Everything the plan varies: where the recipe runs and the recipe values that set its memory."""
-
-    gpus: int
-    """GPUs (or CPU processes) per node."""
-    nodes: int
-    stage: int
-    """DeepSpeed ZeRO stage (0 = plain data parallel)."""
-    offload_optimizer: bool
-    offload_parameters: bool
-    max_length: int
-    """data.max_length: the longest micro-batch row the activations must hold."""
-    micro_batch: int
-    """train.per_device_train_batch_size"""
-    accumulation: int
-    """train.gradient_accumulation_steps"""
-    max_live_parameters: float = 1e9
-    """DeepSpeed's stage3_max_live_parameters (its default 1e9)."""
-    max_reuse_distance: float = 1e9
-    """DeepSpeed's stage3_max_reuse_distance: a gathered parameter used again within this many parameters is
-    kept gathered. Under gradient checkpointing a model smaller than this keeps every parameter gathered."""
-    quantization: str = "none"
-    """The recipe's `quantization`: `nf4` stores attention and expert weights in 4 bits (no DeepSpeed)."""
-
-    @property
-    def world(self) -> int:
-        return self.gpus * self.nodes
-
-
-@dataclass
-class Plan:
-    rows: list[tuple[str, float]] = field(default_factory=list)  # (what, bytes per device)
-    cpu_bytes_per_node: float = 0.0
-    checkpoint_bytes: float = 0.0
-    """ZeRO-3 only: transformers reads every checkpoint value on rank 0 while loading (the other ranks get
-    shapes), so rank 0 maps the whole checkpoint: CPU page cache, released once the model is built."""
-    loading_bytes: float = 0.0
-    """--device cpu with ZeRO-3: rank 0's resident memory while loading (runtime + its shard + the checkpoint)."""
-
-    @property
-    def total(self) -> float:
-        return sum(b for _, b in self.rows)
-
-
-def load_model_config(name: str):
-    """The model's config: a local folder or cached copy, else the built-in copy, else the Hub."""
-    from transformers import AutoConfig, MixtralConfig
-
-    try:
-        return AutoConfig.from_pretrained(name, local_files_only=True), "model config"
-    except (OSError, ValueError):
-        pass
-    if name in KNOWN_CONFIGS:
-        return MixtralConfig(**KNOWN_CONFIGS[name]), "built-in copy of its public config"
-    try:
-        return AutoConfig.from_pretrained(name), "model config from the Hub"
-    except (OSError, ValueError):
-        raise RecipeError(f"cannot read the config of {name!r} (offline?); give a local folder") from None
-
-
-def count_parameters(recipe: Recipe, config) -> Counts:
-    """Exact counts from the model on the meta device, with the recipe's LoRA / full setup applied."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    from finetune.model import apply_method, group_of, trainable_counts
-    from finetune.moe import moe_blocks
-    from finetune.nf4 import EXPERT_BYTES_PER_WEIGHT, LINEAR_BYTES_PER_WEIGHT
-
-    with init_empty_weights():
-        base = AutoModelForCausalLM.from_config(config)
-    attention = sum(p.numel() for n, p in base.named_parameters() if group_of(n) == "attention")  # q/k/v/o
-    experts = sum(p.numel() for n, p in base.named_parameters() if group_of(n) == "experts")
-    model = apply_method(base, recipe)
-    trainable, total = trainable_counts(model)
-    blocks = moe_blocks(model)
-    largest = max(sum(p.numel() for p in b.parameters()) for b in blocks) if blocks else 0
-    return Counts(sum(total.values()), sum(trainable.values()), largest, attention + experts,
-                  attention * LINEAR_BYTES_PER_WEIGHT + experts * EXPERT_BYTES_PER_WEIGHT)
-
-
-def zero_settings(recipe: Recipe, zero: int | None, offload: bool | None) -> tuple[int, bool, bool, dict]:
-    """(stage, offload optimizer, offload parameters, the rest of `zero_optimization`) from the flags, else
-    the recipe's launch config."""
-    stage, off_opt, off_param, ds = 0, False, False, {}
-    if recipe.launch:
-        launch = parse_yaml(Path(recipe.launch).read_text()) or {}
-        ds_file = (launch.get("deepspeed_config") or {}).get("deepspeed_config_file")
-        if ds_file:
-            ds = json.loads(Path(ds_file).read_text()).get("zero_optimization", {})
-            stage = int(ds.get("stage", 0))
-            off_opt = ds.get("offload_optimizer", {}).get("device") == "cpu"
-            off_param = ds.get("offload_param", {}).get("device") == "cpu"
-    if zero is not None:
-        stage = zero
-    if offload is not None:  # DeepSpeed offloads optimizer state from ZeRO-1 on, parameters only with ZeRO-3
-        off_opt, off_param = offload and stage >= 1, offload and stage == 3
-    return stage, off_opt, off_param, ds
-
-
-def runtime_bytes() -> float:
-    """A CPU training process before any weight: this process's resident memory with the training libraries
-    imported. (Not ru_maxrss: Linux keeps it across exec, so a plan started from a large process would
-    report its parent's peak.)"""
-    import datasets  # noqa: F401  the libraries a training process holds
-    import deepspeed  # noqa: F401
-    import trl  # noqa: F401
-
-    statm = Path("/proc/self/statm")
-    if statm.is_file():
-        return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def estimate(recipe: Recipe, config, counts: Counts, setup: Setup, device: str) -> Plan:
-    gpu = device == "gpu"
-    world, nodes, stage = setup.world, setup.nodes, setup.stage
-    off_opt, off_param = setup.offload_optimizer, setup.offload_parameters
-    weight_bytes = 2 if gpu else 4  # bf16 on GPUs; the CPU trains in fp32
-    state_bytes = 16 if gpu else 12  # per trained parameter: fp32 master, fp32 grads, Adam m and v (CPU: no master)
-    plan = Plan()
-    dtype_name = "bf16" if gpu else "fp32"
-    if setup.quantization != "none":
-        rest = counts.total - counts.quantizable
-        weights = counts.quantized_bytes + rest * weight_bytes
-        plan.rows.append((f"weights ({counts.quantizable / 1e9:.2f} B in 4-bit NF4, {rest / 1e9:.2f} B {dtype_name})",
-                          weights))
-        plan.rows.append(("4-bit: one expert's matrix dequantized for its matmul",
-                          2 * config.intermediate_size * config.hidden_size * weight_bytes))  # gate_up
-    else:
-        weights = 0 if off_param else counts.total * weight_bytes / (world if stage == 3 else 1)
-        how = dtype_name + (f", sharded /{world}" if stage == 3 else "") + (", offloaded" if off_param else "")
-        plan.rows.append((f"weights ({how})", weights))
-    states = 0 if off_opt else counts.trainable * state_bytes / (world if stage >= 1 else 1)
-    how = f"{counts.trainable:,} params" + (f", sharded /{world}" if stage >= 1 else "") + (", offloaded" if off_opt else "")
-    plan.rows.append((f"trained: grads, master, Adam ({how})", states))
-    if stage == 3 and not off_param and setup.max_reuse_distance >= counts.total:
-        kept = min(counts.total, max(setup.max_live_parameters, 2 * counts.largest_block))
-        plan.rows.append((f"ZeRO-3 gathered, kept for reuse ({kept / 1e6:,.0f} M params)", kept * weight_bytes))
-    elif stage == 3:
-        plan.rows.append(("ZeRO-3 gather: one MoE block + prefetch", 2 * counts.largest_block * weight_bytes))
-    layers, lm_head, packed_mask = activation_bytes(recipe, config, setup, weight_bytes)
-    plan.rows.append(("activations (estimate, checkpointed)", layers))
-    plan.rows.append(("LM head: one tile of logits, trained positions' hidden states", lm_head))
-    if packed_mask:
-        plan.rows.append(("packed row's attention mask (sdpa, block-diagonal)", packed_mask))
-    runtime = GPU_RUNTIME_BYTES if gpu else runtime_bytes()
-    plan.rows.append(("runtime (CUDA context, buffers)" if gpu else "runtime (interpreter and libraries)", runtime))
-    plan.cpu_bytes_per_node = ((counts.total * weight_bytes if off_param else 0)
-                               + (counts.trainable * state_bytes if off_opt else 0)) / nodes
-    if stage == 3:
-        dtype = getattr(config, "dtype", None) or torch.bfloat16
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        plan.checkpoint_bytes = counts.total * dtype.itemsize
-        if not gpu:
-            plan.loading_bytes = runtime + weights + plan.checkpoint_bytes
-    return plan
-
-
-def activation_bytes(recipe: Recipe, config, setup: Setup, weight_bytes: int) -> tuple[float, float, float]:
-    """Per device, one micro-batch of max_length tokens under gradient checkpointing: the saved input of
-    every layer, one layer recomputed (attention and the routed expert MLPs); the LM head's tile and rows; a
-    packed row's attention mask. Bytes of each; all grow linearly with max_length but the mask."""
-    batch = setup.micro_batch * (2 if recipe.kind == "dpo" else 1)
-    tokens = batch * setup.max_length / recipe.sequence_parallel  # Ulysses: each process holds its share of a row
-    hidden, layers = config.hidden_size, config.num_hidden_layers
-    checkpoints = layers * tokens * hidden * weight_bytes
-    attention = tokens * hidden * 8 * weight_bytes
-    experts = tokens * config.num_experts_per_tok * (3 * config.intermediate_size + hidden) * weight_bytes
-    router = tokens * config.num_local_experts * 4 * layers
-    # The LM head scores trained positions (about half) one tile at a time: TRL's fused kernel on GPUs (4096
-    # positions x 32768 entries), finetune/lm_head.py elsewhere (1024 positions, about 4 fp32 copies); either
-    # way about 4096 x vocab fp32 numbers, plus each trained position's hidden state and its fp32 gradient.
-    trained = tokens * 0.5
-    lm_head = min(trained, 4096) * config.vocab_size * 4 + trained * hidden * (weight_bytes + 4)
-    # A packed row under sdpa attends through a block-diagonal boolean mask, one byte per query x key pair.
-    packed_mask = setup.micro_batch * setup.max_length**2 if recipe.kind == "sft" and recipe.data.packing else 0
-    return checkpoints + attention + experts + router, lm_head, packed_mask
-
-
-def deepspeed_estimate(counts: Counts, gpus_per_node: int, nodes: int, stage: int, off_opt: bool, off_param: bool):
-    """DeepSpeed's own model-state estimate (all parameters trained), (cpu, gpu) bytes, or None."""
-    if stage == 3:
-        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-
-        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
-            counts.total, counts.largest_block, gpus_per_node, nodes, cpu_offload=off_opt,
-            cpu_offload_params=off_param, zero_init=True,
-        )
-        return cpu, gpu
-    if stage == 2:
-        from deepspeed.runtime.zero.stage_1_and_2 import (
-            estimate_zero2_model_states_mem_needs,
-        )
-
-        return estimate_zero2_model_states_mem_needs(counts.total, gpus_per_node, nodes, cpu_offload=off_opt)
-    return None
-
-
-def render(recipe, source, counts, plan, args, setup: Setup, ds) -> str:
-    device_word = "GPU" if args.device == "gpu" else "process"
-    lines = [
-        f"memory plan for {recipe.source} ({recipe.model}; {source})",
-        f"parameters: {(counts.total - counts.trainable) / 1e9:.3f} B frozen, {counts.trainable / 1e6:.2f} M trainable "
-        f"({recipe.lora.method} on {', '.join(recipe.lora.targets)})",
-        f"setup: {describe(setup, device_word)}",
-        "",
-        f"per {device_word:<60} GiB",
-    ]
-    lines += [f"  {what:<60} {size / GIB:8.2f}" for what, size in plan.rows]
-    lines.append(f"  {'total':<60} {plan.total / GIB:8.2f}")
-    sizes = [args.gpu_memory] if args.gpu_memory else ONE_GPU_SIZES if setup.quantization != "none" else []
-    for size in sizes:
-        verdict = "fits" if plan.total <= size * GIB else "DOES NOT FIT"
-        lines.append(f"  of {size:g} GiB per {device_word}: {verdict} ({100 * plan.total / (size * GIB):.0f}% used)")
-    if plan.cpu_bytes_per_node:
-        lines.append(f"CPU memory per node for offloaded states: {plan.cpu_bytes_per_node / GIB:.2f} GiB")
-    if plan.loading_bytes:
-        lines.append(f"while loading, rank 0: {plan.loading_bytes / GIB:.2f} GiB per process (it maps the whole "
-                     f"{plan.checkpoint_bytes / GIB:.2f} GiB checkpoint: transformers reads every value on rank 0 under ZeRO-3)")
-    elif plan.checkpoint_bytes:
-        lines.append(f"while loading: rank 0 maps the whole checkpoint, {plan.checkpoint_bytes / GIB:.2f} GiB of CPU page "
-                     "cache on the first node (transformers reads every value on rank 0 under ZeRO-3)")
-    if ds is not None:
-        model_states = sum(b for what, b in plan.rows if what.startswith(("weights", "trained", "ZeRO")))
-        lines.append(
-            f"DeepSpeed's estimator (every parameter trained): {ds[1] / GIB:.2f} GiB per GPU, {ds[0] / GIB:.2f} GiB "
-            f"CPU; ours for these model states: {model_states / GIB:.2f} GiB"
-            + (" (LoRA trains a small fraction, which DeepSpeed's estimator does not model)"
-               if recipe.lora.method == "lora" else "")
-        )
-    return "\n".join(lines)
-
-
-def describe(setup: Setup, device_word: str = "GPU") -> str:
-    return (f"{setup.nodes} node(s) x {setup.gpus} {device_word}(s), "
-            + (f"DeepSpeed ZeRO-{setup.stage}" if setup.stage else "no ZeRO")
-            + (", optimizer offloaded" if setup.offload_optimizer else "")
-            + (", parameters offloaded" if setup.offload_parameters else "")
-            + f", micro-batch {setup.micro_batch} x {setup.max_length} tokens"
-            + (f", {setup.accumulation} accumulation steps" if setup.accumulation > 1 else ""))
+from finetune.model.config import ModelSourceError, read_model_config
+from finetune.planning.alternatives import fitting_setups, render_suggestions
+from finetune.planning.memory import (
+    GIB,
+    Plan,
+    Setup,
+    count_parameters,
+    deepspeed_estimate,
+    estimate,
+    zero_settings,
+)
+from finetune.planning.report import render
+from finetune.recipe.loading import load_recipe
+from finetune.recipe.schema import RecipeError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m finetune.plan", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=invoked_as("plan"), description=__doc__.split("\n")[0])
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--gpus", type=int, default=1, help="GPUs (or CPU processes) per node")
@@ -315,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     if recipe.quantization != "none" and (stage or off_opt or off_param):
         raise InputError(f"--zero {stage} / --offload: quantization: {recipe.quantization} runs without DeepSpeed "
                          "(one whole 4-bit copy per GPU); leave them out or use --zero 0 --no-offload")
-    config, source = load_model_config(recipe.model)
+    try:
+        config, source = read_model_config(recipe.model, builtin=True)
+    except ModelSourceError as err:
+        raise RecipeError(f"{recipe.source}: {err}") from None
     counts = count_parameters(recipe, config)
     setup = Setup(args.gpus, args.nodes, stage, off_opt, off_param, recipe.data.max_length,
                   recipe.train.get("per_device_train_batch_size", 8), recipe.train.get("gradient_accumulation_steps", 1),
@@ -331,8 +68,6 @@ def main(argv: list[str] | None = None) -> int:
             if candidate not in plans:
                 plans[candidate] = estimate(recipe, config, counts, candidate, args.device)
             return plans[candidate].total <= args.gpu_memory * GIB
-
-        from finetune.plan_alternatives import fitting_setups, render_suggestions
 
         chosen = fitting_setups(setup, fits)
         print(render_suggestions(args, setup, {s: plans[s] for s in chosen}, "GPU" if args.device == "gpu" else "process"))

@@ -22,12 +22,15 @@ USED = {
     "precomputes reference log-probs inside its __init__",
     "trl trainer._total_train_tokens": "non-pad tokens seen on all ranks, for tokens/s in the log",
     "trl.kernels.chunked_logprob._use_triton(device)": "whether TRL's fused LM head runs its Triton kernel; "
-    "elsewhere finetune/lm_head.py replaces the slow fallback",
+    "elsewhere finetune/model/lm_head.py replaces the slow fallback",
     "transformers.integrations.moe._grouped_mm(input, weight, offs)": "transformers' own choice between "
     "torch's grouped_mm kernels (where they support the device and dtype) and its fallback",
     "torch DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)": "keep the 4-bit "
     "expert stacks out of DDP's start-up broadcast, which cannot send them (every rank quantized the same "
     "checkpoint, and they never train)",
+    "torch.Tensor._make_wrapper_subclass(cls, shape, dtype, device, requires_grad)": "the 4-bit expert stack "
+    "(finetune/moe/nf4.py) is a tensor subclass that holds no dense storage; this is how torch's own subclasses "
+    "(and torchao's NF4Tensor) make one",
     "torch._C._current_graph_task_id()": "whether a forward is a gradient-checkpointing recompute inside backward, "
     "so router logits are not collected twice",
 }
@@ -90,6 +93,8 @@ def problems() -> list[str]:
         in_backward()
     except AttributeError:
         found.append("torch._C._current_graph_task_id is gone")
+    if not callable(getattr(torch.Tensor, "_make_wrapper_subclass", None)):
+        found.append("torch.Tensor._make_wrapper_subclass is gone (the 4-bit expert stacks cannot be built)")
     from torch.nn.parallel import DistributedDataParallel
 
     setter = getattr(DistributedDataParallel, "_set_params_and_buffers_to_ignore_for_model", None)

@@ -2,21 +2,18 @@
 traceback, no secret in any file written; and `finetune.check` refuses exactly what `finetune.sft` does."""
 
 import json
-import os
+import re
 import shutil
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_overrides
 
 from finetune.sft import main as sft_main
+from helpers import assert_refused, log_history, logged, run_command, tiny_overrides
 
 pytestmark = pytest.mark.slow
 SECRET = "hf_abcdefghijklmnopqrstuvwxyz0123456789"
-FINETUNE = Path(sys.executable).parent / "finetune"  # the console command, next to this interpreter
 
 
 @pytest.fixture(scope="module")
@@ -55,22 +52,6 @@ def closed_port() -> int:
         return s.getsockname()[1]  # free now, and nothing listens on it
 
 
-def run(args: list[str], repo_root, env: dict | None = None) -> subprocess.CompletedProcess:
-    command = [str(FINETUNE), *args[1:]] if args[0] == "finetune" else [sys.executable, "-m", *args]
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run(command, cwd=repo_root, env=environment, capture_output=True, text=True, timeout=600)
-
-
-def assert_refused(proc: subprocess.CompletedProcess, names: str, code: int = 2) -> str:
-    output = proc.stdout + proc.stderr
-    assert "Traceback" not in output, output[-3000:]
-    assert proc.returncode == code, output[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr[-3000:]
-    assert names in errors[0], errors[0]
-    return errors[0]
-
-
 # (case, overrides, text the error line must contain). Each runs through both `check` and `sft`.
 RECIPE_CASES = [
     ("hub token", ["train.hub_token=" + SECRET], "train.hub_token holds "),
@@ -87,7 +68,7 @@ RECIPE_CASES = [
     ("train is a number", ["train=5"], "train must be a mapping"),
     ("train is a list", ["train=[1, 2]"], "train must be a mapping"),
     ("override not YAML", ["train.max_steps=[1"], "override 'train.max_steps=[1': the value is not valid YAML"),
-    ("unknown group", ["lora.targets=[nonexistent]"], "lora.targets must be a list, each item one of 'attention'"),
+    ("unknown group", ["trainable=[nonexistent]"], "trainable must be a list, each item one of 'attention'"),
     ("data is a folder", ["data.train=[{{path: {root}/data-folder}}]"], "data-folder: is a folder"),
     ("not parquet", ["data.train=[{{path: {root}/fake.parquet}}]"], "fake.parquet: not a readable parquet file"),
     ("output_dir is the model", ["output_dir={base}"], "it is the model"),
@@ -108,8 +89,8 @@ def test_check_and_sft_refuse_the_same_recipe_the_same_way(case, overrides, expe
     out = inputs["root"] / f"out-{case.replace(' ', '-')}"
     before = sorted(p.name for p in out.iterdir()) if out.exists() else None
     args = recipe_args(overrides, inputs, out)
-    checked = assert_refused(run(["finetune.check", *args], repo_root), expected.format(**inputs))
-    trained = assert_refused(run(["finetune.sft", *args], repo_root), expected.format(**inputs))
+    checked = assert_refused(run_command(["finetune.check", *args], repo_root), expected.format(**inputs))
+    trained = assert_refused(run_command(["finetune.sft", *args], repo_root), expected.format(**inputs))
     assert checked == trained
     assert (sorted(p.name for p in out.iterdir()) if out.exists() else None) == before  # nothing written
     if case == "unknown key":
@@ -119,22 +100,26 @@ def test_check_and_sft_refuse_the_same_recipe_the_same_way(case, overrides, expe
 def test_check_and_sft_accept_the_same_recipe(inputs, repo_root):
     out = inputs["root"] / "out-good"
     args = recipe_args([], inputs, out)
-    for module in ("finetune.check", "finetune.sft"):
-        proc = run([module, *args], repo_root)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (out / "adapter_model.safetensors").is_file()
+    checked, trained = (run_command([module, *args], repo_root) for module in ("finetune.check", "finetune.sft"))
+    assert checked.returncode == 0 and trained.returncode == 0, checked.stderr[-3000:] + trained.stderr[-3000:]
+    # The same recipe resolved to the same data: the check's sample count is the one the pass trains on, from
+    # the cache folder the check built (the pass opens it instead of tokenizing again).
+    samples = re.search(r"rows +\d+ read, (\d+) train samples", checked.stdout).group(1)
+    cache = re.search(r"data cache (\S+) \(", checked.stdout).group(1)
+    assert f"data: opened the cache {cache} in" in trained.stdout and f"({samples} train samples)" in trained.stdout
+    assert "SFT adapter written to" in trained.stdout and (out / "adapter_model.safetensors").is_file()
 
 
 def test_no_secret_and_no_machine_path_is_written(inputs, repo_root, tmp_path):
     """A token in the environment never reaches an output file; cards name inputs without this machine's paths."""
     out = inputs["root"] / "out-secret"
-    proc = run(["finetune.sft", *recipe_args(["train.hub_token=" + SECRET], inputs, out)], repo_root)
+    proc = run_command(["finetune.sft", *recipe_args(["train.hub_token=" + SECRET], inputs, out)], repo_root)
     assert_refused(proc, "train.hub_token holds ")
     env = {"HF_TOKEN": SECRET}
-    proc = run(["finetune.sft", *recipe_args([], inputs, out)], repo_root, env)
+    proc = run_command(["finetune.sft", *recipe_args([], inputs, out)], repo_root, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     merged = tmp_path / "merged"
-    proc = run(["finetune.export", str(out), "--out", str(merged)], repo_root, env)
+    proc = run_command(["finetune.export", str(out), "--out", str(merged)], repo_root, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for folder in (out, merged):
         for path in folder.rglob("*"):
@@ -154,7 +139,7 @@ def test_no_secret_and_no_machine_path_is_written(inputs, repo_root, tmp_path):
     (["--gpus", "0", "--zero", "3"], "--gpus must be >= 1, got 0"),
 ])
 def test_plan_refuses_impossible_setups(args, expected, inputs, repo_root):
-    assert_refused(run(["finetune.plan", "recipes/tiny/sft.yaml", f"model={inputs['base']}", *args], repo_root), expected)
+    assert_refused(run_command(["finetune.plan", "recipes/tiny/sft.yaml", f"model={inputs['base']}", *args], repo_root), expected)
 
 
 @pytest.mark.parametrize("entry", ["module", "command"])
@@ -166,7 +151,7 @@ def test_export_refuses_incomplete_folders_from_both_entry_points(entry, case, i
                 "base without config": "base-without-config: no config.json"}[case]
     program = "finetune.export" if entry == "module" else "finetune"
     args = [program] + (["export"] if entry == "command" else [])
-    proc = run([*args, str(adapter), "--base", str(base), "--out", str(tmp_path / "merged")], repo_root)
+    proc = run_command([*args, str(adapter), "--base", str(base), "--out", str(tmp_path / "merged")], repo_root)
     assert_refused(proc, expected)
     assert not (tmp_path / "merged").exists()
 
@@ -178,7 +163,7 @@ def test_evaluate_refuses_unloadable_models_before_writing(case, inputs, repo_ro
                        "orphan adapter": (str(inputs["orphan"]), "its recorded base model"),
                        "not a model": (str(inputs["root"] / "not-a-model"), "not-a-model: not a model folder")}[case]
     out = tmp_path / "eval"
-    assert_refused(run(["finetune.evaluate", model, "--suite", "eval/bundled.yaml", "--out", str(out)], repo_root),
+    assert_refused(run_command(["finetune.evaluate", model, "--suite", "eval/bundled.yaml", "--out", str(out)], repo_root),
                    expected)
     assert not out.exists()
 
@@ -186,25 +171,31 @@ def test_evaluate_refuses_unloadable_models_before_writing(case, inputs, repo_ro
 def test_push_to_an_unreachable_hub_is_one_line(inputs, repo_root):
     env = {"HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}", "HF_TOKEN": SECRET, "HF_HUB_OFFLINE": "0"}
     before = sorted(p.name for p in inputs["adapter"].iterdir())
-    proc = run(["finetune.push", str(inputs["adapter"]), "--repo-id", "me/tiny"], repo_root, env)
+    proc = run_command(["finetune.push", str(inputs["adapter"]), "--repo-id", "me/tiny"], repo_root, env)
     assert_refused(proc, f"upload of {inputs['adapter']} to me/tiny at http://127.0.0.1", code=1)
     assert SECRET not in proc.stdout + proc.stderr
     assert sorted(p.name for p in inputs["adapter"].iterdir()) == before
 
 
 def test_training_whose_push_fails_keeps_its_outputs_and_exits_3(inputs, repo_root):
-    from finetune.checkpoints import PUSH_FAILED_EXIT_CODE
+    from finetune.errors import EXIT_PUSH_FAILED
 
     env = {"HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}", "HF_TOKEN": SECRET, "HF_HUB_OFFLINE": "0"}
     out = inputs["root"] / "out-push"
-    proc = run(["finetune.sft", *recipe_args(["hub.repo_id=me/tiny"], inputs, out)], repo_root, env)
-    assert_refused(proc, "push it later with: python -m finetune.push", code=PUSH_FAILED_EXIT_CODE)
-    assert (out / "adapter_model.safetensors").is_file() and (out / "README.md").is_file()
+    proc = run_command(["finetune.sft", *recipe_args(["hub.repo_id=me/tiny"], inputs, out)], repo_root, env)
+    assert_refused(proc, f"push it later with: python -m finetune.push {out} --repo-id me/tiny", code=EXIT_PUSH_FAILED)
+    # Nothing lost: the finished run is all there, trained to the end, and loads as a PEFT adapter.
+    from peft import PeftConfig
+    from safetensors.torch import load_file
+
+    assert logged(out, "loss") and log_history(out)[-1]["step"] == 1  # recipe_args: train.max_steps=1
+    assert PeftConfig.from_pretrained(str(out)).r == 8 and load_file(out / "adapter_model.safetensors")
+    assert "hub:\n  repo_id: me/tiny" in (out / "recipe.yaml").read_text() and (out / "README.md").is_file()
 
 
 def test_demo_and_tiny_refuse_a_foreign_folder(inputs, repo_root):
     foreign = inputs["foreign"]
-    assert_refused(run(["finetune.demo", "--out", str(foreign)], repo_root), "was not written by the demo")
-    assert_refused(run(["finetune", "tiny", str(foreign), "--pretrain-steps", "0"], repo_root),
+    assert_refused(run_command(["finetune.demo", "--out", str(foreign)], repo_root), "was not written by the demo")
+    assert_refused(run_command(["finetune", "tiny", str(foreign), "--pretrain-steps", "0"], repo_root),
                    "exists and is not empty (thesis.tex)")
     assert [p.name for p in foreign.iterdir()] == ["thesis.tex"]

@@ -3,16 +3,12 @@
 import random
 
 import pytest
-from conversations import random_conversation
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from finetune.chat_format import (
-    IGNORE_INDEX,
-    bundled_sentencepiece_path,
-    save_tokenizer,
-)
+from finetune.data.chat_format import IGNORE_INDEX, bundled_sentencepiece_path, save_tokenizer
+from helpers import random_conversation
 
 N = 300
 SPECIAL_SPELLINGS = ("<s>", "</s>", "<unk>")
@@ -139,10 +135,21 @@ def test_pad_is_not_eos(hf_tokenizer, encoder):
     assert hf_tokenizer.eos_token_id == encoder.eos_id
 
 
-def test_template_rejects_non_alternating_roles(hf_tokenizer):
-    messages = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
-    with pytest.raises(Exception, match="alternate"):
+@pytest.mark.parametrize("roles", [("user", "user"), ("assistant",), ("system", "assistant"),
+                                   ("user", "assistant", "assistant")])
+def test_template_rejects_non_alternating_roles(hf_tokenizer, roles):
+    from jinja2.exceptions import TemplateError
+
+    messages = [{"role": role, "content": f"m{i}"} for i, role in enumerate(roles)]
+    with pytest.raises(TemplateError, match=r"^Conversation roles must alternate user/assistant/user/assistant"):
         hf_tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def test_template_accepts_alternating_roles_after_a_system_message(hf_tokenizer, encoder):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}]
+    ids = hf_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+    assert list(ids) == encoder.encode_prompt(messages)
 
 
 def test_hub_tokenizer_falls_back_to_the_bundled_one_only_offline_and_says_so(repo_root):
@@ -151,7 +158,7 @@ def test_hub_tokenizer_falls_back_to_the_bundled_one_only_offline_and_says_so(re
     import sys
 
     code = ("import warnings; warnings.simplefilter('always')\n"
-            "from finetune.chat_format import bundled_sentencepiece_path, find_sentencepiece\n"
+            "from finetune.data.chat_format import bundled_sentencepiece_path, find_sentencepiece\n"
             "print(find_sentencepiece('mistralai/Mixtral-8x7B-v0.1') == bundled_sentencepiece_path())")
     proc = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -6,7 +6,8 @@ import sys
 
 import torch
 
-from finetune.tiny import checkpoint_keys, make_tiny_mixtral
+from finetune.model.tiny import checkpoint_keys, make_tiny_mixtral
+from helpers import tiny_overrides
 
 
 def test_tiny_checkpoint_layout_and_loading(tiny_model_dir):
@@ -78,8 +79,7 @@ def test_check_counts_over_length_samples(repo_root, tiny_model_dir, tmp_path):
 
 
 def test_check_dpo_recipe_needs_the_sft_adapter_and_shows_pairs(repo_root, tiny_model_dir, tmp_path):
-    from conftest import tiny_overrides
-
+    
     from finetune.sft import main as sft_main
 
     common = [f"model={tiny_model_dir}", f"output_dir={tmp_path / 'dpo'}"]

@@ -6,7 +6,9 @@ import textwrap
 
 import pytest
 
-from finetune.config import RecipeError, dump_yaml, load_recipe
+from finetune.recipe.loading import load_recipe
+from finetune.recipe.resolved import dump_yaml
+from finetune.recipe.schema import RecipeError
 
 BASE = """
 kind: sft
@@ -15,8 +17,8 @@ output_dir: out
 data:
   train:
     - path: data/chat/train.jsonl
+trainable: [attention, experts, router]
 lora:
-  targets: [attention, experts, router]
   r: 8
   lora_alpha: 16
 train:
@@ -58,17 +60,17 @@ def test_resolved_recipe_round_trips(tmp_path):
         (["train.learning_rate=fast"], "train.learning_rate must be float"),
         (["data.max_length=long"], "data.max_length must be int"),
         (["lora.r=two"], "lora.r must be int"),
-        (["lora.targets=[attention, mlp]"], "lora.targets must be"),
+        (["trainable=[attention, mlp]"], "trainable must be"),
         (["data.on_bad_rows=ignore"], "data.on_bad_rows must be one of 'error', 'skip'"),
         (["lora.lora_dropout=0.1"], "lora.lora_dropout=0.1 is impossible with 'experts'"),
         (["train.max_length=99"], "use data.max_length"),
         (["train.router_aux_loss_coef=0.1"], "use moe.aux_loss_coef"),
-        (["lora.target_modules=[q_proj]"], "use lora.targets"),
+        (["lora.target_modules=[q_proj]"], "use trainable"),
         (["moe.aux_loss_coef=-1"], "moe.aux_loss_coef must be >= 0"),
         (["data.eval_fraction=1.5"], "data.eval_fraction must be in [0, 1)"),
-        (["lora.targets=[]"], "lora.targets is empty"),
+        (["trainable=[]"], "trainable is empty"),
         (["kind=dpo", "data.packing=true"], "data.packing is for SFT only"),
-        (["lora.method=full"], "lora.r has no meaning with lora.method: full"),
+        (["method=full"], "lora.r has no meaning with method: full"),
         (["dpo.sft_adapter=x"], "dpo.sft_adapter belongs in a DPO recipe"),
         (["train.max_steps"], "must look like key.sub=value"),
     ],
@@ -82,7 +84,7 @@ def test_bad_recipes_name_file_and_key(tmp_path, overrides, message):
 
 
 def test_expert_dropout_is_fine_without_experts(tmp_path):
-    recipe = load_recipe(write(tmp_path), ["lora.targets=[attention]", "lora.lora_dropout=0.1"])
+    recipe = load_recipe(write(tmp_path), ["trainable=[attention]", "lora.lora_dropout=0.1"])
     assert recipe.lora.peft["lora_dropout"] == 0.1
 
 

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from finetune.chat_format import IGNORE_INDEX
-from finetune.config import DataConfig, DataSource
-from finetune.data import DataError
-from finetune.data_cache import prepare
+from finetune.data.cache import prepare
+from finetune.data.chat_format import IGNORE_INDEX
+from finetune.data.rows import DataError
+from finetune.recipe.schema import DataSection, DataSource
 
 
 def write_jsonl(path, rows):
@@ -43,7 +43,7 @@ BROKEN_CHAT = [
 
 
 def config(path, **kw):
-    return DataConfig(train=[DataSource(path=str(path))], eval_fraction=0.0, max_length=128, **kw)
+    return DataSection(train=[DataSource(path=str(path))], eval_fraction=0.0, max_length=128, **kw)
 
 
 def test_every_bad_chat_row_is_named(tmp_path, encoder):
@@ -93,7 +93,7 @@ def test_labels_decode_to_replies_plus_eos(repo_root, encoder):
     path = repo_root / "data" / "chat" / "train.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()[:200]]
     prepared = prepare(
-        DataConfig(train=[DataSource(path=str(path))], eval_fraction=0.0, seed=0), "sft", encoder, progress=False
+        DataSection(train=[DataSource(path=str(path))], eval_fraction=0.0, seed=0), "sft", encoder, progress=False
     )
     by_ids = {tuple(s["input_ids"]): s for s in prepared.train}
     for row in rows:
@@ -115,7 +115,7 @@ def test_labels_decode_to_replies_plus_eos(repo_root, encoder):
 def test_mixing_weights_and_eval_split(tmp_path, encoder):
     a = write_jsonl(tmp_path / "a.jsonl", [chat(f"a{i}", "x") for i in range(40)])
     b = write_jsonl(tmp_path / "b.jsonl", [chat(f"b{i}", "y") for i in range(40)])
-    data = DataConfig(
+    data = DataSection(
         train=[DataSource(path=str(a), weight=0.5), DataSource(path=str(b), weight=2.0)], eval_fraction=0.1, seed=3
     )
     prepared = prepare(data, "sft", encoder, progress=False)

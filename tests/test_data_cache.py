@@ -6,17 +6,11 @@ import random
 
 import pytest
 
-from finetune import data_cache
-from finetune.chat_format import ChatEncoder
-from finetune.config import DataConfig, DataSource
-from finetune.data import (
-    BadRow,
-    DataError,
-    encode_chat_row,
-    encode_preference_row,
-    read_rows,
-)
-from finetune.data_cache import prepare
+from finetune.data import cache as data_cache
+from finetune.data.cache import prepare
+from finetune.data.chat_format import ChatEncoder
+from finetune.data.rows import BadRow, DataError, encode_chat_row, encode_preference_row, read_rows
+from finetune.recipe.schema import DataSection, DataSource
 
 
 def write_rows(path, rows):
@@ -36,7 +30,7 @@ def two_sources(tmp_path):
     return a, b
 
 
-def encoded_one_by_one(data: DataConfig, kind: str, encoder: ChatEncoder):
+def encoded_one_by_one(data: DataSection, kind: str, encoder: ChatEncoder):
     """The samples as a plain loop over the rows computes them: each source encoded in order, split before
     weighting, weighted with whole repeats plus a seeded subset, the training mix shuffled last."""
     encode = encode_preference_row if kind == "dpo" else encode_chat_row
@@ -76,7 +70,7 @@ def as_lists(dataset):
 
 def test_cached_samples_are_the_rows_encoded_one_by_one(two_sources, encoder, tmp_path):
     a, b = two_sources
-    data = DataConfig(train=[DataSource(str(a), weight=0.5), DataSource(str(b), weight=2.5)], eval_fraction=0.2,
+    data = DataSection(train=[DataSource(str(a), weight=0.5), DataSource(str(b), weight=2.5)], eval_fraction=0.2,
                       max_length=128, seed=7, on_bad_rows="skip", cache_dir=str(tmp_path / "cache"))
     prepared = prepare(data, "sft", encoder, progress=False)
     train, held_out = encoded_one_by_one(data, "sft", encoder)
@@ -92,7 +86,7 @@ def test_cached_samples_are_the_rows_encoded_one_by_one(two_sources, encoder, tm
 
 def test_preference_pairs_with_an_eval_source(repo_root, encoder, tmp_path):
     train_file, eval_file = repo_root / "data/preferences/train.jsonl", repo_root / "data/preferences/eval.jsonl"
-    data = DataConfig(train=[DataSource(str(train_file), weight=0.3)], eval=[DataSource(str(eval_file))],
+    data = DataSection(train=[DataSource(str(train_file), weight=0.3)], eval=[DataSource(str(eval_file))],
                       max_length=512, seed=1, cache_dir=str(tmp_path / "cache"))
     prepared = prepare(data, "dpo", encoder, progress=False)
     train, held_out = encoded_one_by_one(data, "dpo", encoder)
@@ -104,7 +98,7 @@ def test_several_tokenizing_processes_give_the_same_samples(two_sources, encoder
     a, b = two_sources
     results = []
     for processes in (1, 3):
-        data = DataConfig(train=[DataSource(str(a)), DataSource(str(b))], eval_fraction=0.1, max_length=128,
+        data = DataSection(train=[DataSource(str(a)), DataSource(str(b))], eval_fraction=0.1, max_length=128,
                           on_bad_rows="skip", num_proc=processes, cache_dir=str(tmp_path / f"cache-{processes}"))
         prepared = prepare(data, "sft", encoder, progress=False)
         results.append((as_lists(prepared.train), as_lists(prepared.eval), prepared.bad_rows))
@@ -129,16 +123,16 @@ def test_a_rerun_hits_the_cache_and_every_input_of_the_samples_invalidates_it(tw
                                                                               repo_root, monkeypatch):
     a, b = two_sources
     root = tmp_path / "cache"
-    data = DataConfig(train=[DataSource(str(a)), DataSource(str(b))], max_length=128, on_bad_rows="skip",
+    data = DataSection(train=[DataSource(str(a)), DataSource(str(b))], max_length=128, on_bad_rows="skip",
                       cache_dir=str(root))
     first = prepare(data, "sft", encoder, progress=False)
     again = prepare(data, "sft", encoder, progress=False)
     assert not first.cache_hit and again.cache_hit and again.folder == first.folder
     assert as_lists(again.train) == as_lists(first.train)
     # Settings that do not change the samples share the cache.
-    assert prepare(DataConfig(**{**data.__dict__, "num_proc": 2}), "sft", encoder, progress=False).cache_hit
+    assert prepare(DataSection(**{**data.__dict__, "num_proc": 2}), "sft", encoder, progress=False).cache_hit
 
-    def folder_for(changed: DataConfig, enc=encoder, kind="sft"):
+    def folder_for(changed: DataSection, enc=encoder, kind="sft"):
         prepared = prepare(changed, kind, enc, progress=False)
         assert not prepared.cache_hit
         return prepared
@@ -146,7 +140,7 @@ def test_a_rerun_hits_the_cache_and_every_input_of_the_samples_invalidates_it(tw
     folders = {first.folder}
     for change in ({"max_length": 96}, {"seed": 5}, {"eval_fraction": 0.2},
                    {"train": [DataSource(str(a), weight=2.0), DataSource(str(b))]}):
-        folders.add(folder_for(DataConfig(**{**data.__dict__, **change})).folder)
+        folders.add(folder_for(DataSection(**{**data.__dict__, **change})).folder)
     folders.add(folder_for(data, enc=trained_tokenizer(tmp_path, repo_root)).folder)
     monkeypatch.setattr(data_cache, "ENCODER_VERSION", data_cache.ENCODER_VERSION + 1)
     folders.add(folder_for(data).folder)
@@ -163,7 +157,7 @@ def test_a_rerun_hits_the_cache_and_every_input_of_the_samples_invalidates_it(tw
 def test_bad_rows_are_cached_too_and_a_failed_build_leaves_nothing(two_sources, encoder, tmp_path):
     a, _ = two_sources
     root = tmp_path / "cache"
-    data = DataConfig(train=[DataSource(str(a))], max_length=128, cache_dir=str(root))
+    data = DataSection(train=[DataSource(str(a))], max_length=128, cache_dir=str(root))
     messages = []
     for _ in range(2):
         with pytest.raises(DataError) as err:
@@ -171,7 +165,7 @@ def test_bad_rows_are_cached_too_and_a_failed_build_leaves_nothing(two_sources, 
         messages.append(str(err.value))
     assert messages[0] == messages[1] and f"{a}:38: malformed JSON" in messages[0]
     assert len(list(root.iterdir())) == 1  # the second run read the bad rows from the cache
-    missing = DataConfig(train=[DataSource(str(a)), DataSource(str(tmp_path / "gone.jsonl"))], cache_dir=str(root))
+    missing = DataSection(train=[DataSource(str(a)), DataSource(str(tmp_path / "gone.jsonl"))], cache_dir=str(root))
     with pytest.raises(DataError, match="data file not found"):
         prepare(missing, "sft", encoder, progress=False)
     assert len(list(root.iterdir())) == 1  # no half-built folder, hidden or not
@@ -181,10 +175,10 @@ def test_an_empty_file_is_zero_rows(two_sources, encoder, tmp_path):
     a, _ = two_sources
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")
-    alone = DataConfig(train=[DataSource(str(empty))], cache_dir=str(tmp_path / "cache"))
+    alone = DataSection(train=[DataSource(str(empty))], cache_dir=str(tmp_path / "cache"))
     with pytest.raises(DataError, match="no usable training rows"):
         prepare(alone, "sft", encoder, progress=False)
-    mixed = DataConfig(train=[DataSource(str(empty)), DataSource(str(a))], max_length=128, on_bad_rows="skip",
+    mixed = DataSection(train=[DataSource(str(empty)), DataSource(str(a))], max_length=128, on_bad_rows="skip",
                        seed=2, cache_dir=str(tmp_path / "cache"))
     prepared = prepare(mixed, "sft", encoder, progress=False)
     train, held_out = encoded_one_by_one(mixed, "sft", encoder)
@@ -196,6 +190,6 @@ def test_a_cache_folder_that_cannot_be_written_is_named(two_sources, encoder, tm
     a, _ = two_sources
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
-    data = DataConfig(train=[DataSource(str(a))], on_bad_rows="skip", cache_dir=str(blocked / "cache"))
+    data = DataSection(train=[DataSource(str(a))], on_bad_rows="skip", cache_dir=str(blocked / "cache"))
     with pytest.raises(DataError, match=rf"cannot write the tokenized-data cache in {blocked}/cache .*set data.cache_dir"):
         prepare(data, "sft", encoder, progress=False)

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
 from safetensors.torch import load_file
+
+from helpers import log_history, tiny_overrides
 
 pytestmark = pytest.mark.distributed
 
@@ -84,7 +85,7 @@ def test_zero3_adapter_has_full_shapes_and_logs_router_loss(zero3_aux_on, tiny_m
     assert saved.keys() == reference.keys()
     for key in saved:
         assert saved[key].shape == reference[key].shape and saved[key].numel() > 0, key
-    history = json.loads((zero3_aux_on / "trainer_state.json").read_text())["log_history"]
+    history = log_history(zero3_aux_on)
     logs = [h for h in history if "loss" in h]
     assert len(logs) == 3 and all(h["aux_loss"] > 0 for h in logs)
 
@@ -105,7 +106,7 @@ def assert_same_as_one_process(launched, model_dir, data, common, single):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5, msg=key)
-    losses = lambda out: [h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]  # noqa: E731
+    losses = lambda out: [h["loss"] for h in log_history(out) if "loss" in h]  # noqa: E731
     assert losses(launched) == pytest.approx(losses(single), rel=1e-4)
 
 
@@ -129,7 +130,7 @@ def test_zero3_resume_reproduces_uninterrupted_losses(tiny_model_dir, four_rows,
     overrides = [o for o in overrides if o != "resume=never"]
     launch("sft", "recipes/tiny/sft.yaml", [*overrides, "stop_after_steps=2"])
     launch("sft", "recipes/tiny/sft.yaml", overrides)
-    history = lambda o: [(h["step"], h["loss"]) for h in json.loads((o / "trainer_state.json").read_text())["log_history"] if "loss" in h]  # noqa: E731
+    history = lambda o: [(h["step"], h["loss"]) for h in log_history(o) if "loss" in h]  # noqa: E731
     got, expected = history(out), history(zero3_aux_on)
     assert [s for s, _ in got] == [1, 2, 3]
     assert [loss for _, loss in got] == pytest.approx([loss for _, loss in expected], rel=1e-5)
@@ -141,7 +142,7 @@ def test_zero3_dpo_runs_from_a_zero3_sft_adapter(tiny_model_dir, zero3_aux_on, t
     overrides += [f"dpo.sft_adapter={zero3_aux_on}", "data.train=[{path: data/preferences/eval.jsonl}]",
                   "data.eval=[]", "data.eval_fraction=0"]
     launch("dpo", "recipes/tiny/dpo.yaml", overrides)
-    logs = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    logs = [h for h in log_history(out) if "loss" in h]
     assert len(logs) == 2
     assert logs[0]["dpo_loss"] == pytest.approx(0.6931, abs=1e-3) and logs[0]["rewards/margins"] == pytest.approx(0, abs=1e-3)
     assert all(torch.isfinite(torch.tensor([h["loss"], h["aux_loss"]])).all() for h in logs)
@@ -173,16 +174,19 @@ def test_recipe_launch_config_relaunches_under_accelerate(tiny_model_dir, four_r
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "launching: accelerate launch --config_file recipes/accelerate/cpu_zero3.yaml" in proc.stdout
-    assert "x 2 processes" in proc.stdout
+    # The steps ran in the 2 launched processes, not in the one that relaunched: each process read the data,
+    # rank 0 alone announced and saved once, and the batch arithmetic counts 2 processes.
+    assert "[process 0] data: " in proc.stdout and "[process 1] data: " in proc.stdout
+    assert proc.stdout.count("SFT adapter written to") == 1 and "x 2 processes" in proc.stdout
     assert (out / "adapter_model.safetensors").is_file()
 
 
 def test_zero3_full_finetune_saves_consolidated_16bit_weights(tiny_model_dir, four_rows, tmp_path):
-    from finetune.tiny import checkpoint_keys
+    from finetune.model.tiny import checkpoint_keys
 
     out = tmp_path / "full"
     overrides = overrides_for(tiny_model_dir, out, four_rows, per_device_train_batch_size=2, max_steps=1)
-    launch("sft", "recipes/tiny/sft.yaml", [*overrides, "lora.method=full", "lora.r=null", "lora.lora_alpha=null", "lora.targets=[attention,router]",
+    launch("sft", "recipes/tiny/sft.yaml", [*overrides, "method=full", "lora.r=null", "lora.lora_alpha=null", "trainable=[attention,router]",
                                                "train.gradient_checkpointing=false"])
     from transformers import AutoModelForCausalLM
 
@@ -203,7 +207,7 @@ def test_sequence_parallel_step_equals_one_process(tiny_model_dir, tmp_path):
     process holding half of its tokens, gives the loss and the LoRA gradients of one process holding all.
     Plain SGD at lr 1 with no clipping makes the adapter's change the gradient itself; router losses off (with
     sequence parallelism they are computed per process, over its half of the tokens)."""
-    from finetune.chat_format import ChatEncoder, bundled_sentencepiece_path
+    from finetune.data.chat_format import ChatEncoder, bundled_sentencepiece_path
     from finetune.sft import main as sft_main
 
     reply = " ".join(["each token goes to two of the experts and the reply carries on"] * 40)
@@ -233,5 +237,5 @@ def test_sequence_parallel_step_equals_one_process(tiny_model_dir, tmp_path):
         expected, got = adapters["one"][key] - start, adapters["sp"][key] - start  # -lr x gradient
         assert expected.abs().max() > 0, key
         assert (got - expected).abs().max() <= 1e-4 * expected.abs().max(), key
-    loss = lambda out: json.loads((out / "trainer_state.json").read_text())["log_history"][0]["loss"]  # noqa: E731
+    loss = lambda out: log_history(out)[0]["loss"]  # noqa: E731
     assert loss(tmp_path / "sp") == pytest.approx(loss(tmp_path / "one"), rel=1e-5)

@@ -1,16 +1,16 @@
 """DPO: the reference is the SFT policy, the router losses enter once, every loss variant is finite."""
 
-import json
 import math
 
 import pytest
 import torch
-from conftest import tiny_overrides
 
-from finetune.config import RecipeError, load_recipe
 from finetune.dpo import build
 from finetune.dpo import main as dpo_main
+from finetune.recipe.loading import load_recipe
+from finetune.recipe.schema import RecipeError
 from finetune.sft import main as sft_main
+from helpers import log_history, tiny_overrides
 
 
 def recipe_aux_coef() -> float:
@@ -38,7 +38,7 @@ def dpo_overrides(model_dir, sft, out, *extra, **train):
 
 
 def first_log(out):
-    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    history = log_history(out)
     return next(h for h in history if "loss" in h)
 
 
@@ -94,7 +94,7 @@ def test_router_loss_enters_dpo_loss_once(tiny_model_dir, sft_adapter, tmp_path,
     # At step 0 the policy equals the reference, so the DPO part is exactly ln 2.
     assert aux > 0.1
     assert loss.item() == pytest.approx(LN2 + coef * aux.item(), rel=1e-5)
-    assert trainer.router_loss.metrics["eval"]["aux_loss"][-1] == pytest.approx(aux.item(), rel=1e-5)
+    assert trainer.router_terms.metrics["eval"]["aux_loss"][-1] == pytest.approx(aux.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -120,7 +120,7 @@ def test_logged_metrics_add_up_from_ln2_in_fp32_and_bf16(tiny_model_dir, sft_ada
     overrides = dpo_overrides(tiny_model_dir, sft_adapter, out, bf16=bf16, learning_rate=0.01)
     assert dpo_main(["recipes/tiny/dpo.yaml", *overrides]) == 0
     coef = load_recipe("recipes/tiny/dpo.yaml", overrides).moe.aux_loss_coef
-    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    history = log_history(out)
     logs = [h for h in history if "loss" in h]
     assert len(logs) == 2
     # Step 1: the policy is the reference, in bf16 too: exactly ln 2, no margin, nothing NaN (failure mode 9).
@@ -130,7 +130,7 @@ def test_logged_metrics_add_up_from_ln2_in_fp32_and_bf16(tiny_model_dir, sft_ada
         assert log["aux_loss"] > 0
         assert log["loss"] == pytest.approx(log["dpo_loss"] + coef * log["aux_loss"], rel=1e-3 if bf16 else 1e-5)
 def test_adapter_shape_must_match_the_sft_adapter_before_loading(tiny_model_dir, sft_adapter, tmp_path):
-    from finetune.arguments import preflight
+    from finetune.train.preflight import preflight
 
     overrides = dpo_overrides(tiny_model_dir, sft_adapter, tmp_path, "lora.r=4")
     with pytest.raises(RecipeError, match="lora.r=4 differs from the SFT adapter's 8"):
@@ -148,7 +148,7 @@ def test_tiny_pipeline_raises_heldout_preference_accuracy(pretrained_tiny_dir, t
     dpo_args = [f"model={pretrained_tiny_dir}", f"output_dir={dpo}", f"dpo.sft_adapter={sft}", "train.max_steps=60",
                 "train.eval_steps=60"]
     assert dpo_main(["recipes/tiny/dpo.yaml", *dpo_args]) == 0
-    history = json.loads((dpo / "trainer_state.json").read_text())["log_history"]
+    history = log_history(dpo)
     evals = [h for h in history if "eval_rewards/accuracies" in h]
     assert evals[0]["eval_loss"] == pytest.approx(LN2 + recipe_aux_coef() * evals[0]["eval_aux_loss"], abs=1e-3)
     assert evals[-1]["eval_rewards/accuracies"] > 0.65, evals[-1]

@@ -8,9 +8,10 @@ import shutil
 import pytest
 import torch
 
-from finetune.eval_groups import routing_gap
-from finetune.evaluate import Suite, evaluate
 from finetune.evaluate import main as evaluate_main
+from finetune.evaluation.groups import routing_gap
+from finetune.evaluation.run import evaluate
+from finetune.evaluation.suite import Suite
 
 # A routing gap (0..1) that a router treating one language apart exceeds and an untrained one does not: on
 # the 200 bundled held-out conversations the seeded tiny router measures 0.05 (0.09 on 40 of them); rigged,

@@ -7,15 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
-from test_router_stats import independent_stats
-from test_sft import CONVERSATION, OTHER, batch_of
 
-from finetune.checkers import check_rule, exact_match
-from finetune.data import DataError
-from finetune.evaluate import SuiteError, instruction_rows, load_suite
+from finetune.data.rows import DataError
 from finetune.evaluate import main as evaluate_main
-from finetune.scoring import heldout_loss
+from finetune.evaluation.rules import check_rule, exact_match
+from finetune.evaluation.scoring import heldout_loss
+from finetune.evaluation.suite import SuiteError, instruction_rows, load_suite
+from helpers import CONVERSATION, OTHER, batch_of, independent_stats, log_history, tiny_overrides
 
 # (rule, a reply that follows it, a reply that does not)
 RULES = [
@@ -148,7 +146,7 @@ def sft_run(model_dir, out, aux: float, steps: int):
                                eval_steps=steps, learning_rate=0.003, per_device_train_batch_size=8)
     assert sft_main(["recipes/tiny/sft.yaml", *overrides, f"moe.aux_loss_coef={aux}",
                      "data.eval=[{path: data/chat/eval.jsonl, weight: 0.25}]"]) == 0
-    return json.loads((Path(out) / "trainer_state.json").read_text())["log_history"]
+    return log_history(Path(out))
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +181,28 @@ def test_evaluate_sft_against_its_base_writes_reports_and_sft_is_better(sft_adap
     assert (sft_adapter / "router_load.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def multiple_choice_accuracy(adapter, path: str, limit: int) -> float:
+    """Share of questions where the most likely choice is the labelled one: log-likelihood of " choice" after
+    "What is the capital of X?\n", summed over the choice's tokens (lm-eval's `multiple_choice` and `acc`)."""
+    from finetune.evaluation.loading import load_for_eval
+
+    loaded = load_for_eval(str(adapter))
+    model, tokenizer = loaded.model.merge_and_unload(), loaded.encoder.hf_tokenizer
+    rows = [json.loads(line) for line in open(path, encoding="utf-8")][:limit]
+    correct = 0
+    for row in rows:
+        context = f"What is the capital of {row['country']}?\n"
+        scores = []
+        for choice in row["choices"]:
+            whole = tokenizer(context + " " + choice)["input_ids"]
+            start = len(tokenizer(context)["input_ids"])
+            with torch.no_grad():
+                log_probs = torch.log_softmax(model(torch.tensor([whole])).logits[0].float(), -1)
+            scores.append(sum(log_probs[i - 1, whole[i]].item() for i in range(start, len(whole))))
+        correct += max(range(len(scores)), key=scores.__getitem__) == row["label"]
+    return correct / len(rows)
+
+
 @pytest.mark.slow  # trains the tiny model 30 steps first (its fixture), then a whole evaluation
 def test_lm_eval_tasks_run_on_local_files_through_the_harness(sft_adapter, tmp_path):
     pytest.importorskip("lm_eval")
@@ -190,7 +210,10 @@ def test_lm_eval_tasks_run_on_local_files_through_the_harness(sft_adapter, tmp_p
     assert evaluate_main([str(sft_adapter), "--suite", "eval/bundled.yaml", "--out", str(out), "chat=null",
                           "preferences=null", "instructions=null", "limit=12"]) == 0
     figures = json.loads((out / "metrics.json").read_text())["model"]["lm_eval"]["capitals_mc"]
-    assert set(figures) == {"acc"} and figures["acc"] * 12 == pytest.approx(round(figures["acc"] * 12))
+    assert set(figures) == {"acc"}
+    # The same accuracy computed here without the harness: each of the 12 questions answered by the choice whose
+    # tokens (after the question and a space) the model finds most likely, as lm-eval's multiple_choice does.
+    assert figures["acc"] == pytest.approx(multiple_choice_accuracy(sft_adapter, "eval/lm_eval/capitals_mc.jsonl", 12))
     assert "| lm-eval capitals_mc acc |" in (out / "report.md").read_text()
 
 

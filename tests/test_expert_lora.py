@@ -6,9 +6,11 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model
 
-from finetune.config import RecipeError, load_recipe
-from finetune.expert_lora import _routed_forward, use_routed_expert_lora
-from finetune.tiny import tiny_config
+from finetune.model.tiny import tiny_config
+from finetune.moe.expert_lora import _routed_forward, use_routed_expert_lora
+from finetune.recipe.loading import load_recipe
+from finetune.recipe.schema import RecipeError
+from helpers import tiny_overrides
 
 EXPERT_PARAMS = ["experts.gate_up_proj", "experts.down_proj"]
 
@@ -90,10 +92,16 @@ def test_bf16_close_to_peft():
     use_routed_expert_lora(ours)
     torch.manual_seed(3)
     x, grad = torch.randn(1, 40, 64, dtype=torch.bfloat16), torch.randn(1, 40, 64, dtype=torch.bfloat16)
-    peft_out, peft_x, _ = run(peft_layer, x, grad)
-    our_out, our_x, _ = run(ours, x, grad)
+    peft_out, peft_x, peft_grads = run(peft_layer, x, grad)
+    our_out, our_x, our_grads = run(ours, x, grad)
     torch.testing.assert_close(our_out.float(), peft_out.float(), rtol=3e-2, atol=3e-2 * peft_out.abs().max().item())
     torch.testing.assert_close(our_x.float(), peft_x.float(), rtol=3e-2, atol=3e-2 * peft_x.abs().max().item())
+    # The LoRA factors' gradients too (what training updates): the same 4 tensors, in bf16, close to PEFT's.
+    assert our_grads.keys() == peft_grads.keys() and len(our_grads) == 4
+    for name, expected in peft_grads.items():
+        assert our_grads[name].dtype == torch.bfloat16, name
+        torch.testing.assert_close(our_grads[name].float(), expected.float(), rtol=3e-2,
+                                   atol=3e-2 * expected.abs().max().item())
 
 
 def tiny_peft_model(model_dir):
@@ -150,12 +158,12 @@ def test_adapters_keep_peft_format_both_ways(tiny_model_dir, tmp_path):
 
 
 def test_recipe_switch(tiny_model_dir, tmp_path):
-    from conftest import tiny_overrides
-
-    from finetune.model import apply_method, load_base_model
+    
+    from finetune.model.loading import load_base_model
+    from finetune.model.lora_targets import make_trainable
 
     for kernel, routed in (("routed", True), ("peft", False)):
         recipe = load_recipe("recipes/tiny/sft.yaml", tiny_overrides(tiny_model_dir, tmp_path) + [f"lora.expert_kernel={kernel}"])
-        assert uses_routed_expert_lora(apply_method(load_base_model(recipe), recipe)) is routed
+        assert uses_routed_expert_lora(make_trainable(load_base_model(recipe), recipe)) is routed
     with pytest.raises(RecipeError, match="lora.expert_kernel must be one of"):
         load_recipe("recipes/tiny/sft.yaml", tiny_overrides(tiny_model_dir, tmp_path) + ["lora.expert_kernel=fast"])

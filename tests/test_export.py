@@ -5,15 +5,15 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_overrides
 from safetensors import safe_open
 
 from finetune.cli import run_guarded
 from finetune.export import export
 from finetune.export import main as export_cli_main
-from finetune.merge_check import max_logit_difference, stream_logits
+from finetune.merge.verify import max_logit_difference, stream_logits
+from finetune.model.tiny import checkpoint_keys, make_tiny_mixtral
 from finetune.sft import main as sft_main
-from finetune.tiny import checkpoint_keys, make_tiny_mixtral
+from helpers import tiny_overrides
 
 
 def export_main(argv):

@@ -1,6 +1,5 @@
 """Kill a real training process at any moment; the same command then continues the same run."""
 
-import json
 import os
 import signal
 import subprocess
@@ -9,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
 from safetensors.torch import load_file
 
-from finetune.checkpoints import INTERRUPTED_EXIT_CODE, checkpoint_problem
+from finetune.errors import EXIT_INTERRUPTED
 from finetune.sft import main as sft_main
+from finetune.train.checkpoints import checkpoint_problem
+from helpers import log_history, tiny_overrides
 
 pytestmark = pytest.mark.slow
 RECIPE = "recipes/tiny/sft.yaml"
@@ -25,7 +25,7 @@ def run_overrides(model_dir, out, **train):
 
 
 def losses(out: Path) -> list[tuple[int, float]]:
-    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    history = log_history(out)
     return [(h["step"], h["loss"]) for h in history if "loss" in h]
 
 
@@ -98,7 +98,7 @@ def test_sigterm_saves_a_checkpoint_exits_distinctly_and_the_rerun_matches(tiny_
         proc.stdout.read()
         code = proc.wait(timeout=300)
     err = (tmp_path / "stderr.txt").read_text()
-    assert code == INTERRUPTED_EXIT_CODE, err[-3000:]
+    assert code == EXIT_INTERRUPTED, err[-3000:]
     assert "SIGTERM received" in err and "run the same command again to continue" in err
     saved = sorted(stopped.glob("checkpoint-*"))
     assert len(saved) == 1 and checkpoint_problem(saved[0]) is None

@@ -8,8 +8,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import MixtralForCausalLM
 
-from finetune.lm_head import TokenLogProbs, use_compact_lm_head
-from finetune.tiny import tiny_config
+from finetune.model.lm_head import TokenLogProbs, use_compact_lm_head
+from finetune.model.tiny import tiny_config
 
 VOCAB = 32000
 
@@ -88,7 +88,9 @@ def test_scoring_in_chunks_changes_nothing_but_memory():
         results.append((out.detach(), grad))
     for out, grad in results[1:]:
         torch.testing.assert_close(out, results[0][0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(grad, results[0][1], rtol=1e-5, atol=1e-5)
+        # The input gradient is (onehot - p) @ W over the chunk's rows: fp32 matmuls over 1, 5 or 23 rows block
+        # their sums differently (measured here: 4.7e-5 apart on values of order 1).
+        torch.testing.assert_close(grad, results[0][1], rtol=1e-4, atol=1e-4)
     full = torch.log_softmax(hidden.detach() @ weight.t(), -1)
     torch.testing.assert_close(results[0][0][:, 0], full.gather(1, targets[:, None]).squeeze(1), rtol=1e-5, atol=1e-5)
     assert torch.equal(results[0][0][:, 4].bool(), full.argmax(-1) == targets)

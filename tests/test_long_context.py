@@ -7,12 +7,12 @@ import re
 import pytest
 import torch
 
-from finetune.arguments import (
-    check_sequence_parallel_runs_here,
-    preflight,
-    trainer_args,
-)
-from finetune.config import RecipeError, load_recipe
+from finetune.recipe.loading import load_recipe
+from finetune.recipe.schema import RecipeError
+from finetune.train.arguments import trainer_args
+from finetune.train.launch import check_sequence_parallel_runs_here
+from finetune.train.preflight import preflight
+from helpers import tiny_overrides
 
 SFT = "recipes/tiny/sft.yaml"
 
@@ -78,11 +78,17 @@ def test_activation_offloading_is_refused_without_a_gpu(tmp_path, tiny_model_dir
 
 
 @pytest.mark.gpu
-def test_activation_offloading_trains_one_step_on_a_gpu(tmp_path, tiny_model_dir):
-    from conftest import tiny_overrides
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="activation offloading moves activations off a GPU")
+def test_activation_offloading_trains_one_step_on_a_gpu_as_without(tmp_path, tiny_model_dir):
+    from trl.models.activation_offloading import OffloadActivations
 
-    from finetune.sft import main as sft_main
+    from finetune.sft import build
 
-    overrides = tiny_overrides(tiny_model_dir, tmp_path / "out", max_steps=1) + ["train.activation_offloading=true"]
-    assert sft_main([SFT, *overrides]) == 0
-    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    losses = {}
+    for offloading in (True, False):
+        overrides = tiny_overrides(tiny_model_dir, tmp_path / str(offloading), max_steps=1)
+        trainer, _ = build(load_recipe(SFT, [*overrides, f"train.activation_offloading={str(offloading).lower()}"]))
+        # The trainer really runs its steps inside TRL's offloading context (and only when asked).
+        assert isinstance(trainer.maybe_activation_offload_context, OffloadActivations) is offloading
+        losses[offloading] = trainer.train().training_loss
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)

@@ -7,12 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_overrides
 
 from finetune.cli import run_guarded
-from finetune.config import RecipeError
 from finetune.export import main as export_cli_main
+from finetune.recipe.schema import RecipeError
 from finetune.sft import main as sft_main
+from helpers import tiny_overrides
 
 FAULTS = Path(__file__).parent / "faults"
 
@@ -30,7 +30,7 @@ def digest(folder: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def base_and_adapter(tmp_path_factory):
-    from finetune.tiny import make_tiny_mixtral
+    from finetune.model.tiny import make_tiny_mixtral
 
     root = tmp_path_factory.mktemp("inputs")
     base = make_tiny_mixtral(root / "base", seed=5, max_shard_size="200KB", layers=3)
@@ -124,7 +124,7 @@ def test_evaluate_out_inside_the_model_is_refused_before_loading(base_and_adapte
 
 def test_demo_replaces_only_its_own_folder(tmp_path):
     from finetune.demo import DEMO_MARKER, claim_demo_folder
-    from finetune.output_folder import OutputError
+    from finetune.files.output_folder import OutputError
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()

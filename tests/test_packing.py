@@ -3,11 +3,13 @@ the router losses and statistics count the same real tokens, and training learns
 
 import pytest
 import torch
-from conftest import tiny_overrides
 
-from finetune.config import load_recipe
-from finetune.moe import RouterTap, entropy_sums, expert_counts, router_losses
+from finetune.moe.router import RouterTap
+from finetune.moe.router_losses import router_losses
+from finetune.moe.router_stats import entropy_sums, expert_counts
+from finetune.recipe.loading import load_recipe
 from finetune.sft import build
+from helpers import log_history, tiny_overrides
 
 RECIPE = "recipes/tiny/sft.yaml"
 
@@ -123,7 +125,6 @@ def test_router_losses_and_statistics_count_the_same_real_tokens(packed):
 def test_sft_with_packing_learns_like_without(pretrained_tiny_dir, tmp_path):
     """The same recipe and about the same tokens per step (16 padded samples of ~39 tokens, or 2 packed rows
     of up to 256): held-out loss after 40 steps within 5%."""
-    import json
 
     from finetune.sft import main as sft_main
 
@@ -131,7 +132,7 @@ def test_sft_with_packing_learns_like_without(pretrained_tiny_dir, tmp_path):
         overrides = tiny_overrides(pretrained_tiny_dir, out, max_steps=40, eval_strategy="steps", eval_steps=20,
                                    eval_on_start=True, per_device_train_batch_size=batch)
         assert sft_main([RECIPE, *overrides, *extra]) == 0
-        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        history = log_history(out)
         return [h["eval_loss"] for h in history if "eval_loss" in h]
 
     packed = eval_losses(tmp_path / "packed", 2, "data.packing=true")

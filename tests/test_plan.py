@@ -7,16 +7,9 @@ import re
 
 import pytest
 
-from finetune.config import load_recipe
-from finetune.plan import (
-    GIB,
-    Setup,
-    count_parameters,
-    deepspeed_estimate,
-    estimate,
-    load_model_config,
-    zero_settings,
-)
+from finetune.model.config import read_model_config
+from finetune.planning.memory import GIB, Setup, count_parameters, deepspeed_estimate, estimate, zero_settings
+from finetune.recipe.loading import load_recipe
 
 
 def run_plan(repo_root, *args):
@@ -66,11 +59,11 @@ def test_full_finetune_model_states_agree_with_deepspeed(repo_root, tmp_path, mo
     path = tmp_path / "full.yaml"
     path.write_text(
         "kind: sft\nlaunch: recipes/accelerate/zero3.yaml\nmodel: mistralai/Mixtral-8x7B-v0.1\noutput_dir: x\n"
-        "data: {train: [{path: data/chat/train.jsonl}], max_length: 4096}\nlora: {method: full}\n"
+        "data: {train: [{path: data/chat/train.jsonl}], max_length: 4096}\nmethod: full\n"
     )
     monkeypatch.chdir(repo_root)
     recipe = load_recipe(path)
-    config, _ = load_model_config(recipe.model)
+    config, _ = read_model_config(recipe.model, builtin=True)
     counts = count_parameters(recipe, config)
     stage, off_opt, off_param, _ = zero_settings(recipe, None, offload)
     plan = estimate(recipe, config, counts, Setup(8, 1, stage, off_opt, off_param, 4096, 8, 1), "gpu")

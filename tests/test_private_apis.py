@@ -1,5 +1,8 @@
 """The private library APIs we rely on (finetune/private_apis.py) still exist as used in the pinned releases."""
 
+import re
+from pathlib import Path
+
 import torch
 
 from finetune.private_apis import (
@@ -33,4 +36,18 @@ def test_each_seam_still_does_its_job():
     model = torch.nn.Linear(2, 2)
     ddp_ignore_parameters(model, ["weight"])
     assert model._ddp_params_and_buffers_to_ignore == ["weight"] and model.weight._ddp_ignored
-    assert len(USED) == 8  # each named once, with its reason
+    # Every private name the package reaches for is registered in USED with its reason, and nothing else
+    # uses one: the package's own sources name no `._x` attribute of torch, transformers, trl or peft
+    # outside finetune/private_apis.py and the registered TRL method overrides.
+    assert all(reason.strip() for reason in USED.values())
+    registered = {re.search(r"\.(_[a-z][a-z_]*)\b", what).group(1) for what in USED}
+    package = Path(__file__).resolve().parent.parent / "finetune"
+    for path in package.rglob("*.py"):
+        if path.name == "private_apis.py":
+            continue
+        for line in path.read_text().splitlines():
+            code = line.split("#")[0]
+            for private in re.findall(r"(?:torch|transformers|trl|peft|DistributedDataParallel)(?:\.\w+)*\.(_[a-z]\w*)", code):
+                assert private in registered, f"{path.name}: {line.strip()} uses {private}, not in private_apis.USED"
+        for method in re.findall(r"def (_(?:save|prepare_dataset|precompute_ref_logps))\(", path.read_text()):
+            assert method in registered, f"{path.name} overrides {method}, not in private_apis.USED"

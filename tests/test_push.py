@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_overrides
+
+from helpers import tiny_overrides
 from hub_server import HubServer
 
 TOKEN = "hf_test_token_never_written_anywhere"
@@ -76,7 +77,7 @@ def test_model_card_records_the_run(adapter_dir):
 
 
 def test_recipe_pushes_at_the_end_of_training(tiny_model_dir, tmp_path, repo_root):
-    from finetune.checkpoints import PUSH_FAILED_EXIT_CODE
+    from finetune.errors import EXIT_PUSH_FAILED
 
     out = tmp_path / "sft"
     with HubServer() as hub:
@@ -89,18 +90,18 @@ def test_recipe_pushes_at_the_end_of_training(tiny_model_dir, tmp_path, repo_roo
     with HubServer(fail_with=503) as hub:
         proc = run(["-m", "finetune.sft", "recipes/tiny/sft.yaml", *tiny_overrides(tiny_model_dir, tmp_path / "b", max_steps=1),
                     "hub.repo_id=org/pushed"], hub, repo_root)
-    assert proc.returncode == PUSH_FAILED_EXIT_CODE and "the local folder is intact" in proc.stderr
+    assert proc.returncode == EXIT_PUSH_FAILED and "the local folder is intact" in proc.stderr
     assert "push it later with: python -m finetune.push" in proc.stderr and "Traceback" not in proc.stderr
     assert (tmp_path / "b" / "adapter_model.safetensors").is_file()
 
 
 def test_cards_say_what_the_output_is_for_lora_and_full_fine_tuning(tiny_model_dir, tmp_path):
-    from finetune.card import adapter_card
-    from finetune.config import load_recipe
+    from finetune.publish.card import adapter_card
+    from finetune.recipe.loading import load_recipe
 
     overrides = tiny_overrides(tiny_model_dir, tmp_path / "out")
     lora = adapter_card(load_recipe("recipes/tiny/sft.yaml", overrides), [])
-    full = adapter_card(load_recipe("recipes/tiny/sft.yaml", overrides + ["lora.method=full", "lora.r=null",
+    full = adapter_card(load_recipe("recipes/tiny/sft.yaml", overrides + ["method=full", "lora.r=null",
                                                                            "lora.lora_alpha=null"]), [])
     assert "library_name: peft" in lora and "A SFT LoRA adapter for" in lora and "PeftModel" in lora
     assert "(r=8, alpha=16)" in lora

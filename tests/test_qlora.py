@@ -3,22 +3,23 @@ the adapter on the unquantized base, DPO from ln 2, and every refusal before loa
 
 import json
 import math
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import tiny_overrides
 
-from finetune.config import RecipeError, load_recipe
-from finetune.model import apply_method, load_base_model
-from finetune.nf4 import (
+from finetune.model.loading import load_base_model
+from finetune.model.lora_targets import make_trainable
+from finetune.moe.nf4 import (
     EXPERT_BYTES_PER_WEIGHT,
     LINEAR_BYTES_PER_WEIGHT,
     NF4ExpertStack,
     bitsandbytes,
 )
+from finetune.recipe.loading import load_recipe
+from finetune.recipe.schema import RecipeError
+from helpers import log_history, logged, tiny_overrides
 
 bnb = bitsandbytes()
 RECIPE = "recipes/tiny/sft.yaml"
@@ -29,7 +30,7 @@ def recipe_for(model_dir, *extra):
 
 
 def quantized(model_dir, *extra, device="cpu"):
-    from finetune.quantized_base import load_quantized_model
+    from finetune.model.quantized import load_quantized_model
 
     return load_quantized_model(recipe_for(model_dir, "quantization=nf4", *extra), torch.float32, device, progress=False)
 
@@ -101,8 +102,8 @@ def test_lora_gradients_equal_peft_on_the_dequantized_weights(tiny_model_dir, ev
     torch.manual_seed(0)
     base = quantized(tiny_model_dir, "lora.init_lora_weights=false")
     dense = dequantized_twin(base, tiny_model_dir)
-    model = apply_method(base, recipe_for(tiny_model_dir, "quantization=nf4", "lora.init_lora_weights=false"))
-    reference = apply_method(dense, recipe_for(tiny_model_dir, "lora.expert_kernel=peft", "lora.init_lora_weights=false"))
+    model = make_trainable(base, recipe_for(tiny_model_dir, "quantization=nf4", "lora.init_lora_weights=false"))
+    reference = make_trainable(dense, recipe_for(tiny_model_dir, "lora.expert_kernel=peft", "lora.init_lora_weights=false"))
     trained = {k: v for k, v in model.state_dict().items() if "lora_" in k or "modules_to_save" in k}
     assert not reference.load_state_dict(trained, strict=False).unexpected_keys
     ids = torch.randint(3, 32000, (2, 33), generator=torch.Generator().manual_seed(1))
@@ -127,9 +128,9 @@ def test_on_cuda_logits_and_gradients_equal_the_dequantized_model(tiny_model_dir
     """bitsandbytes' CUDA kernels (quantize, dequantize, Linear4bit), fp32 so the comparison is exact."""
     model = quantized(tiny_model_dir, "lora.init_lora_weights=false", device="cuda")
     assert all(p.device.type == "cuda" for p in model.parameters())
-    reference = apply_method(dequantized_twin(model, tiny_model_dir),
+    reference = make_trainable(dequantized_twin(model, tiny_model_dir),
                              recipe_for(tiny_model_dir, "lora.expert_kernel=peft", "lora.init_lora_weights=false"))
-    model = apply_method(model, recipe_for(tiny_model_dir, "quantization=nf4", "lora.init_lora_weights=false"))
+    model = make_trainable(model, recipe_for(tiny_model_dir, "quantization=nf4", "lora.init_lora_weights=false"))
     reference.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" in k or "modules_to_save" in k},
                               strict=False)
     ids = torch.randint(3, 32000, (2, 33), generator=torch.Generator().manual_seed(1)).cuda()
@@ -146,7 +147,7 @@ def test_on_cuda_logits_and_gradients_equal_the_dequantized_model(tiny_model_dir
 
 def test_backward_keeps_no_dequantized_expert_weight(tiny_model_dir):
     """What autograd saves for backward: never an expert's dequantized matrix (backward rebuilds it)."""
-    model = apply_method(quantized(tiny_model_dir), recipe_for(tiny_model_dir, "quantization=nf4"))
+    model = make_trainable(quantized(tiny_model_dir), recipe_for(tiny_model_dir, "quantization=nf4"))
     config = model.config
     expert_shapes = {(2 * config.intermediate_size, config.hidden_size), (config.hidden_size, config.intermediate_size)}
     expert_shapes |= {s[::-1] for s in expert_shapes}
@@ -168,26 +169,26 @@ def test_merging_into_the_4bit_stacks_is_refused(tiny_model_dir):
     silently compute on something that is not the weight."""
     from peft.tuners.lora.layer import ParamWrapper
 
-    model = apply_method(quantized(tiny_model_dir), recipe_for(tiny_model_dir, "quantization=nf4"))
+    model = make_trainable(quantized(tiny_model_dir), recipe_for(tiny_model_dir, "quantization=nf4"))
     wrapper = next(m for m in model.modules() if isinstance(m, ParamWrapper))
     with pytest.raises(NotImplementedError, match="on a 4-bit expert stack"):
         wrapper.merge()
 
 
 @pytest.mark.parametrize("override, message", [
-    ("lora.method=full", "needs lora.method: lora"),
+    ("method=full", "needs method: lora"),
     ("lora.expert_kernel=peft", "needs lora.expert_kernel: routed"),
     ("launch=recipes/accelerate/zero3.yaml", "does not run under DeepSpeed"),
 ])
 def test_impossible_combinations_fail_at_parse_time(override, message, repo_root, monkeypatch):
     monkeypatch.chdir(repo_root)
-    extra = ["lora.r=null", "lora.lora_alpha=null"] if override == "lora.method=full" else []
+    extra = ["lora.r=null", "lora.lora_alpha=null"] if override == "method=full" else []
     with pytest.raises(RecipeError, match=message):
         load_recipe(RECIPE, ["quantization=nf4", override, *extra])
 
 
 def test_a_deepspeed_launch_is_refused_before_loading(tiny_model_dir, tmp_path, monkeypatch):
-    from finetune.arguments import preflight
+    from finetune.train.preflight import preflight
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     recipe = load_recipe(RECIPE, [*tiny_overrides(tiny_model_dir, tmp_path / "out"), "quantization=nf4"])
@@ -251,25 +252,25 @@ def test_dpo_from_a_4bit_base_starts_at_ln2_with_zero_margin(qlora_sft, tiny_mod
     out = tmp_path / "dpo"
     overrides = tiny_overrides(tiny_model_dir, out, max_steps=2, per_device_train_batch_size=4)
     assert dpo_main(["recipes/tiny/dpo.yaml", *overrides, f"dpo.sft_adapter={qlora_sft}", "quantization=nf4"]) == 0
-    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    history = log_history(out)
     first = next(h for h in history if "loss" in h)
     assert first["dpo_loss"] == pytest.approx(math.log(2), abs=1e-3)
     assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-3)
 
 
 @pytest.mark.slow
-def test_4bit_sft_learns_within_10_percent_of_full_precision(pretrained_tiny_dir, tmp_path):
+def test_4bit_sft_learns_within_10_percent_of_full_precision(pretrained_tiny_dir, tmp_path, capsys):
     from finetune.sft import main as sft_main
 
     def eval_losses(out, *extra):
         overrides = tiny_overrides(pretrained_tiny_dir, out, max_steps=40, learning_rate=3e-3, eval_strategy="steps",
                                    eval_steps=20, eval_on_start=True, per_device_train_batch_size=8)
         assert sft_main([RECIPE, *overrides, *extra]) == 0
-        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
-        return [h["eval_loss"] for h in history if "eval_loss" in h]
+        data_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("data: ")]
+        return logged(out, "eval_loss"), data_lines[0].split(" in ")[0].split()[-1]
 
-    four_bit = eval_losses(tmp_path / "nf4", "quantization=nf4")
-    full = eval_losses(tmp_path / "fp32")
+    four_bit, four_bit_data = eval_losses(tmp_path / "nf4", "quantization=nf4")
+    full, full_data = eval_losses(tmp_path / "fp32")
+    assert four_bit_data == full_data  # both trained and evaluated on the same tokenized samples (one cache folder)
     assert four_bit[-1] < four_bit[0] - 0.5, four_bit  # held-out loss goes down
     assert abs(four_bit[-1] - full[-1]) <= 0.10 * full[-1], (four_bit, full)
-    assert os.environ.get("MIXTRAL_FINETUNE_CACHE")  # both read the session's data cache

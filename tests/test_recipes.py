@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
 
-from finetune.arguments import trainer_args
-from finetune.config import load_recipe
+from finetune.recipe.loading import load_recipe
+from finetune.train.arguments import trainer_args
+from helpers import tiny_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted(
@@ -19,7 +19,7 @@ LOCAL_DATA = {"sft": "data/chat", "dpo": "data/preferences"}
 def test_every_dpo_recipe_has_its_sft_recipe_and_every_launch_config_exists():
     """What the build test below relies on: a DPO recipe is built from its SFT sibling's adapter, and a
     recipe's `launch` (and that config's DeepSpeed file) exist."""
-    from finetune.typed_yaml import parse_yaml
+    from finetune.recipe.typed_yaml import parse_yaml
 
     kinds = {path: load_recipe(path).kind for path in RECIPES}
     assert sorted(set(kinds.values())) == ["dpo", "sft"]
@@ -61,14 +61,14 @@ def test_recipe_parses_and_builds(path, tiny_model_dir, tmp_path, repo_root, mon
         from finetune.sft import build
     trainer, _ = build(load_recipe(path, overrides, expect_kind=kind))
     # The recipe's own method on the tiny model: exactly its groups train, at its rank.
-    from finetune.model import group_of
+    from finetune.model.lora_targets import group_of
 
     trained = {group_of(n) for n, p in trainer.model.named_parameters() if p.requires_grad}
-    assert trained == set(recipe.lora.targets)
-    from finetune.nf4 import quantized_stacks
+    assert trained == set(recipe.trainable)
+    from finetune.moe.nf4 import quantized_stacks
 
     assert len(quantized_stacks(trainer.model)) == (4 if recipe.quantization == "nf4" else 0)  # 2 layers x 2 stacks
-    if recipe.lora.method == "lora":
+    if recipe.method == "lora":
         assert trainer.model.peft_config["default"].r == recipe.lora.peft.get("r", 16)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
@@ -76,7 +76,7 @@ def test_recipe_parses_and_builds(path, tiny_model_dir, tmp_path, repo_root, mon
 
 
 def test_wandb_without_login_fails_before_loading(tmp_path, monkeypatch):
-    from finetune.config import RecipeError
+    from finetune.recipe.schema import RecipeError
 
     for var in ("WANDB_MODE", "WANDB_API_KEY"):
         monkeypatch.delenv(var, raising=False)

@@ -1,20 +1,8 @@
 """Router health metrics equal an independent computation from the router logits, padding excluded."""
 
 import torch
-from test_sft import CONVERSATION, OTHER, batch_of, make_trainer
 
-
-def independent_stats(model, batch):
-    with torch.no_grad():
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True)
-    real = batch["attention_mask"].reshape(-1).bool()
-    rows = []
-    for layer in out.router_logits:
-        chosen = layer[real].topk(2, dim=-1).indices.reshape(-1)
-        rows.append(torch.bincount(chosen, minlength=layer.shape[-1]).double())
-    counts = torch.stack(rows)
-    mean = counts.mean(-1)
-    return counts / counts.sum(-1, keepdim=True), counts.std(-1, unbiased=False) / mean, counts.max(-1).values / mean - 1
+from helpers import CONVERSATION, OTHER, batch_of, independent_stats, make_trainer
 
 
 def test_reported_balance_matches_router_logits_and_ignores_padding(tiny_model_dir, tmp_path):
@@ -36,7 +24,7 @@ def test_reported_balance_matches_router_logits_and_ignores_padding(tiny_model_d
         batch = batch_of(encoder, CONVERSATION, OTHER, pad_to=pad_to)
         with torch.no_grad():
             trainer.compute_loss(model, dict(batch))
-        stats[pad_to] = trainer.router_loss.router_stats("eval")
+        stats[pad_to] = trainer.router_terms.router_stats("eval")
         share, cv, maxvio = independent_stats(model, batch)
         torch.testing.assert_close(stats[pad_to]["share"], share)
         torch.testing.assert_close(stats[pad_to]["cv"], cv)

@@ -6,22 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
 from transformers import TrainerCallback
 
-from finetune.config import load_recipe
-from finetune.model import group_of
-from finetune.saving import save_outputs
-from finetune.sft import build
+from finetune.model.lora_targets import group_of
+from finetune.recipe.loading import load_recipe
 from finetune.sft import main as sft_main
+from finetune.train.outputs import save_outputs
+from helpers import CONVERSATION, OTHER, batch_of, log_history, make_trainer, tiny_overrides
 
 RECIPE = "recipes/tiny/sft.yaml"
-
-
-def make_trainer(model_dir, out, *extra, **train):
-    recipe = load_recipe(RECIPE, tiny_overrides(model_dir, out, **train) + list(extra), expect_kind="sft")
-    trainer, encoder = build(recipe)
-    return recipe, trainer, encoder
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,7 +52,7 @@ def test_outputs_and_adapter_reload_gives_same_logits(trained, tiny_model_dir):
     recipe, trainer, _, out = trained
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer.model", "recipe.yaml"):
         assert (out / name).is_file(), name
-    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    history = log_history(out)
     assert all("aux_loss" in h for h in history if "loss" in h)
     assert any("tokens_per_second" in h for h in history)
     assert "{% generation %}" in AutoTokenizer.from_pretrained(out).chat_template
@@ -77,19 +70,6 @@ def test_outputs_and_adapter_reload_gives_same_logits(trained, tiny_model_dir):
 # ---------------------------------------------------------------------------------------------
 # The router losses: added once, scaled by their coefficient, blind to padding, not multiplied by
 # gradient accumulation, and able to train the router.
-
-
-def batch_of(encoder, *conversations, pad_to=None):
-    samples = [encoder.encode(c) for c in conversations]
-    length = pad_to or max(len(s.input_ids) for s in samples)
-    ids = torch.tensor([s.input_ids + [0] * (length - len(s.input_ids)) for s in samples])
-    labels = torch.tensor([s.labels + [-100] * (length - len(s.labels)) for s in samples])
-    mask = torch.tensor([[1] * len(s.input_ids) + [0] * (length - len(s.input_ids)) for s in samples])
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-CONVERSATION = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]
-OTHER = [{"role": "user", "content": "Reverse the word 'stone'."}, {"role": "assistant", "content": "enots"}]
 
 
 def reference_terms(model, batch):
@@ -130,7 +110,7 @@ def test_right_padding_changes_no_router_loss(tiny_model_dir, tmp_path):
         batch = batch_of(encoder, CONVERSATION, pad_to=pad_to)
         with torch.no_grad():
             losses[pad_to] = trainer.compute_loss(trainer.model, dict(batch))
-        metrics = trainer.router_loss.metrics["eval"]
+        metrics = trainer.router_terms.metrics["eval"]
         aux, z = metrics["aux_loss"][-1], metrics["z_loss"][-1]
         losses[pad_to] = (losses[pad_to].item(), aux, z)
     assert losses[None] == pytest.approx(losses[40], rel=1e-5)
@@ -174,14 +154,15 @@ def test_gradient_accumulation_does_not_multiply_router_loss(tiny_model_dir, tmp
 
 @pytest.mark.parametrize("which", ["aux", "z"])
 def test_router_loss_alone_trains_the_router(tiny_model_dir, tmp_path, which):
-    from finetune.moe import policy_logits, router_losses
+    from finetune.moe.router import policy_logits
+    from finetune.moe.router_losses import router_losses
 
     _, trainer, encoder = make_trainer(tiny_model_dir, tmp_path)
     model = trainer.model.train()
     batch = batch_of(encoder, CONVERSATION, OTHER)
-    with trainer.router_loss.tap.capture():
+    with trainer.router_terms.tap.capture():
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    tap = trainer.router_loss.tap
+    tap = trainer.router_terms.tap
     aux, z = router_losses(tap, policy_logits(tap), batch["attention_mask"])
     (aux if which == "aux" else z).backward()
     routers = [p for n, p in model.named_parameters() if ".mlp.gate." in n and p.requires_grad]
@@ -189,10 +170,22 @@ def test_router_loss_alone_trains_the_router(tiny_model_dir, tmp_path, which):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in routers)
 
 
-def test_frozen_router_warns_loudly(tiny_model_dir, tmp_path, capsys):
-    make_trainer(tiny_model_dir, tmp_path, "lora.targets=[experts]", "lora.r=4")
+@pytest.mark.parametrize("overrides,warning", [
+    # Router frozen, router losses on: they can only move the experts of earlier layers, said loudly.
+    (["trainable=[experts]"], "WARNING: the router is frozen (no 'router' in trainable): the load-balancing loss can "
+                              "only move experts (through the hidden states of later layers' routers)"),
+    # Router trainable: nothing to warn about.
+    (["trainable=[experts, router]"], None),
+    # Router frozen but the router losses are off: nothing they could miss.
+    (["trainable=[experts]", "moe.aux_loss_coef=0", "moe.z_loss_coef=0"], None),
+])
+def test_frozen_router_warns_loudly_and_only_then(tiny_model_dir, tmp_path, capsys, overrides, warning):
+    make_trainer(tiny_model_dir, tmp_path, *overrides, "lora.r=4")
     err = capsys.readouterr().err
-    assert "WARNING: the router is frozen" in err
+    warnings = [line for line in err.splitlines() if line.startswith("WARNING:")]
+    assert warnings == ([] if warning is None else [warnings[0]]), err
+    if warning is not None:
+        assert warnings[0].startswith(warning), warnings[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +193,7 @@ def test_frozen_router_warns_loudly(tiny_model_dir, tmp_path, capsys):
 
 
 def log_losses(out: Path) -> list[tuple[int, float]]:
-    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    history = log_history(out)
     return [(h["step"], h["loss"]) for h in history if "loss" in h]
 
 
@@ -220,7 +213,7 @@ def test_resume_continues_the_same_run(tiny_model_dir, tmp_path, quantization):
     for (_, a), (_, b) in zip(expected, got):
         assert b == pytest.approx(a, rel=1e-5)
     # A changed recipe does not silently continue someone else's run.
-    from finetune.config import RecipeError
+    from finetune.recipe.schema import RecipeError
 
     with pytest.raises(RecipeError, match="different run .*train.learning_rate"):
         sft_main([RECIPE, *overrides, "train.learning_rate=0.02"])
@@ -232,7 +225,7 @@ def test_eval_loss_falls_on_tiny_recipe(pretrained_tiny_dir, tmp_path):
     overrides = tiny_overrides(pretrained_tiny_dir, out, max_steps=60, eval_strategy="steps", eval_steps=60,
                                logging_steps=20)
     assert sft_main([RECIPE, *overrides]) == 0
-    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    history = log_history(out)
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
     assert len(evals) == 2  # at start, at the end
     # Measured 4.82 -> 3.89: the base already knows where texts end, so the start is lower than it was.

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from finetune.checkpoints import resume_checkpoint
-from finetune.config import load_recipe
-from finetune.saving import save_outputs, write_recipe
+from finetune.recipe.loading import load_recipe
+from finetune.train.checkpoints import resume_checkpoint
+from finetune.train.outputs import save_outputs, write_recipe
 
 
 def main():
@@ -31,14 +31,14 @@ def main():
     experts_hit = []
 
     def record_routing(module, args, output):
-        if not experts_hit or len(experts_hit[-1]) < trainer.router_loss.tap.num_layers:
+        if not experts_hit or len(experts_hit[-1]) < trainer.router_terms.tap.num_layers:
             if not experts_hit:
                 experts_hit.append([])
             logits = output[0] if isinstance(output, tuple) else output
             top = logits.topk(2, dim=-1).indices.flatten()
             experts_hit[-1].append(torch.bincount(top, minlength=logits.shape[-1]).tolist())
 
-    from finetune.moe import moe_blocks
+    from finetune.moe.router import moe_blocks
 
     handles = [block.gate.register_forward_hook(record_routing) for block in moe_blocks(trainer.model)]
     write_recipe(recipe, trainer.is_world_process_zero())

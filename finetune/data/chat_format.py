@@ -1,0 +1,250 @@
+"""Mixtral-Instruct chat format, token-exact with `mistral_common`.
+
+Two encoders, one format:
+
+* `ChatEncoder` builds training samples (ids + labels) straight from SentencePiece, the way
+  `mistral_common`'s v1 instruct tokenizer does: `<s>`, then `[INST] {user} [/INST]` and
+  `{reply}</s>` segments, each encoded on its own. A system message is folded into the first user
+  turn as `system + "\n\n" + user`. Text inside messages is always plain text, so `</s>` typed by a
+  user never becomes the EOS id. Written by hand because `mistral_common` gives ids but no label
+  mask, and transformers' tokenizer is not SentencePiece-exact (see `build_hf_tokenizer`).
+
+* `build_hf_tokenizer` makes the transformers tokenizer saved next to every adapter and export. Its
+  `tokenizer.json` reproduces SentencePiece: merges ranked by SentencePiece piece score (transformers'
+  converter ranks them by id, which merges whitespace runs too early), SentencePiece's dummy `▁`
+  prefix and its split into words. Its chat template carries `{% generation %}` markers.
+  Known residual difference: text in a message that spells a special token (`<s>`, `</s>`, `<unk>`)
+  becomes that control id in transformers; serve with `mistral_common` (vLLM: `--tokenizer-mode
+  mistral`) when users can type those strings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from finetune.files.hub_ids import is_hub_id
+from finetune.recipe.schema import Recipe, RecipeError
+
+IGNORE_INDEX = -100
+SP_FILENAME = "tokenizer.model"
+
+# Mixtral-Instruct v1 chat template for transformers. Mirrors ChatEncoder: the tokenizer gives every
+# segment between special tokens SentencePiece's dummy-prefix space, as mistral_common does.
+CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' %}"
+    "{%- set system_message = messages[0]['content'] %}{%- set loop_messages = messages[1:] %}"
+    "{%- else %}{%- set system_message = none %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- bos_token }}"
+    "{%- for message in loop_messages %}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif %}"
+    "{%- if message['role'] == 'user' %}"
+    "{%- if loop.first and system_message is not none %}"
+    "{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}"
+    "{%- else %}{{- '[INST] ' + message['content'] + ' [/INST]' }}{%- endif %}"
+    "{%- else %}"
+    "{% generation %}{{- ' ' + message['content'] + eos_token }}{% endgeneration %}"
+    "{%- endif %}"
+    "{%- endfor %}"
+)
+
+
+def bundled_sentencepiece_path() -> Path:
+    """The Mixtral-8x7B / Mistral-7B v1 tokenizer shipped inside the `mistral-common` package."""
+    import mistral_common
+
+    return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+
+
+def find_sentencepiece(model: str, tokenizer: str | None = None) -> Path:
+    """The SentencePiece file to use: the recipe's tokenizer, the model folder's, else the bundled v1.
+
+    For a Hub id the file is fetched from the Hub (it is part of every Mixtral repository)."""
+    for candidate in (tokenizer, model):
+        if candidate is None:
+            continue
+        path = Path(candidate)
+        if path.is_file():
+            return path
+        if (path / SP_FILENAME).is_file():
+            return path / SP_FILENAME
+    if tokenizer is None and is_hub_id(model):
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            LocalEntryNotFoundError,
+            OfflineModeIsEnabled,
+        )
+
+        try:
+            return Path(hf_hub_download(model, SP_FILENAME))
+        except (GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
+            # Offline or gated only: a repository without the file (another model family) stays an error.
+            warnings.warn(f"cannot fetch {SP_FILENAME} of {model} ({type(err).__name__}); using the Mixtral v1 "
+                          "tokenizer bundled with mistral-common, the same file as Mixtral 8x7B's", stacklevel=2)
+    if tokenizer is not None:
+        raise FileNotFoundError(f"tokenizer {tokenizer!r}: no {SP_FILENAME} there")
+    return bundled_sentencepiece_path()
+
+
+@dataclass
+class Sample:
+    input_ids: list[int]
+    labels: list[int]
+
+
+ENCODER_VERSION = 1
+"""Bump when the ids or labels this module gives for a conversation change: it keys the tokenized-data cache
+(finetune/data/cache.py), so a cache built by an older encoder is never reused."""
+
+
+class ChatEncoder:
+    """Conversation -> token ids and labels, exactly as Mixtral-Instruct (mistral_common v1)."""
+
+    def __init__(self, sentencepiece_path: str | os.PathLike):
+        import sentencepiece
+
+        self.path = Path(sentencepiece_path)
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
+        self.bos_id = self.sp.bos_id()
+        self.eos_id = self.sp.eos_id()
+        # Mistral's vocabulary has no pad piece; <unk> (0) is never produced for text thanks to byte
+        # fallback, and pad must not be EOS or a collator that masks pads stops teaching EOS.
+        self.pad_id = self.sp.unk_id()
+
+    def __reduce__(self):  # rebuilt from its file in the processes that tokenize (datasets' map)
+        return ChatEncoder, (self.path,)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def text_ids(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def user_ids(self, content: str) -> list[int]:
+        return self.text_ids(f"[INST] {content} [/INST]")
+
+    def reply_ids(self, content: str) -> list[int]:
+        return self.text_ids(content) + [self.eos_id]
+
+    def encode(self, messages: list[dict]) -> Sample:
+        """Ids and labels for a conversation (roles already validated). Labels are the assistant
+        replies and their EOS; everything else is IGNORE_INDEX."""
+        system = None
+        if messages and messages[0]["role"] == "system":
+            system, messages = messages[0]["content"], messages[1:]
+        ids, labels = [self.bos_id], [IGNORE_INDEX]
+        for i, message in enumerate(messages):
+            content = message["content"]
+            if message["role"] == "user":
+                if i == 0 and system is not None:
+                    content = system + "\n\n" + content
+                part = self.user_ids(content)
+                ids += part
+                labels += [IGNORE_INDEX] * len(part)
+            else:
+                part = self.reply_ids(content)
+                ids += part
+                labels += part
+        return Sample(ids, labels)
+
+    def encode_prompt(self, messages: list[dict]) -> list[int]:
+        """Ids of a prompt that ends with a user turn (what generation starts from)."""
+        return self.encode(messages).input_ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)
+
+    def piece(self, token_id: int) -> str:
+        return self.sp.id_to_piece(token_id)
+
+    @cached_property
+    def hf_tokenizer(self):
+        return build_hf_tokenizer(self.path)
+
+
+def build_hf_tokenizer(sentencepiece_path: str | os.PathLike):
+    """A transformers tokenizer that reproduces SentencePiece, with the Mixtral-Instruct template."""
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        normalizers,
+        pre_tokenizers,
+        processors,
+    )
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+    from transformers.tokenization_utils_base import generate_merges
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(sentencepiece_path).read_bytes())
+    vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    scores = {piece.piece: piece.score for piece in proto.pieces}
+    # SentencePiece merges the pair whose result has the highest score; rank merges the same way.
+    merges = generate_merges(vocab, scores)
+    unk, bos, eos = (proto.pieces[i].piece for i in (0, 1, 2))
+    backend = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    # SentencePiece's word split with allow_whitespace_only_pieces: a run of spaces joins the word after it.
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("▁*[^▁]+|▁+"), behavior="isolated")
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (unk, bos, eos)])
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=bos,
+        eos_token=eos,
+        unk_token=unk,
+        pad_token=unk,
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+        model_max_length=32768,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def save_tokenizer(sentencepiece_path: str | os.PathLike, out_dir: str | os.PathLike) -> None:
+    """Write tokenizer.json (+ config, chat template) and the SentencePiece file into out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_hf_tokenizer(sentencepiece_path)
+    tokenizer.save_pretrained(out_dir)
+    config_path = out_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    # The generic class loads tokenizer.json exactly as written, in transformers 4.x and 5.x alike;
+    # transformers 5's LlamaTokenizer would rebuild its own (not SentencePiece-exact) pre-tokenizer.
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    target = out_dir / SP_FILENAME
+    if Path(sentencepiece_path).resolve() != target.resolve():
+        target.write_bytes(Path(sentencepiece_path).read_bytes())
+
+
+def encoder_for(recipe: Recipe) -> ChatEncoder:
+    """The SentencePiece encoder for a recipe, checked against the model's vocabulary when known (the model
+    itself was checked before: finetune.train.preflight)."""
+    encoder = ChatEncoder(find_sentencepiece(recipe.model, recipe.tokenizer))
+    config_file = Path(recipe.model) / "config.json"
+    if config_file.is_file():
+        vocab = json.loads(config_file.read_text()).get("vocab_size")
+        if vocab is not None and vocab < encoder.vocab_size:
+            raise RecipeError(
+                f"{recipe.source}: tokenizer {encoder.path} has {encoder.vocab_size} pieces but model "
+                f"{recipe.model} has vocab_size {vocab}; set 'tokenizer' to the model's tokenizer.model"
+            )
+    return encoder

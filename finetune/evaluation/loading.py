@@ -1,0 +1,65 @@
+"""A model ready for evaluation or chat: a model folder or Hub id, or an adapter on its recorded base (or
+`--base`), checked before any weight loads, on the GPU in bf16 where there is one."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from finetune.data.chat_format import ChatEncoder, find_sentencepiece
+from finetune.files.adapter_folder import adapter_base, check_adapter_complete, is_adapter_folder
+from finetune.model.config import ModelSourceError, model_config
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for evaluation: a full model, or a base with a PEFT adapter on top."""
+
+    model: nn.Module
+    encoder: ChatEncoder
+    path: str
+    base: str | None = None  # the adapter's base model; None for a full model
+
+    def without_adapter(self):
+        """Context in which the model is its base (the adapter switched off); only for adapters."""
+        return self.model.disable_adapter() if self.base is not None else nullcontext()
+
+
+def eval_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_loadable(path: str, base: str | None = None, what: str = "model") -> None:
+    """Fail before any weight loads when `path` (a model, or an adapter on its base) cannot be loaded;
+    `what` names the option in the message."""
+    if not is_adapter_folder(path):
+        model_config(path, what)
+        return
+    check_adapter_complete(path, what)
+    recorded = adapter_base(path)
+    if base is None and not recorded:
+        raise ModelSourceError(f"{what}={path}: the adapter records no base model; give one with --base")
+    model_config(base or recorded, "--base" if base else f"{what}={path}: its recorded base model (or give --base)")
+
+
+def load_for_eval(path: str, base: str | None = None) -> LoadedModel:
+    """A model folder / Hub id, or an adapter folder loaded on its recorded base (or `base`)."""
+    from transformers import AutoModelForCausalLM
+
+    check_loadable(path, base)
+    device = eval_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if is_adapter_folder(path):
+        from peft import PeftModel
+
+        base = base or adapter_base(path)
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), path)
+        tokenizer_home = path if (Path(path) / "tokenizer.model").is_file() else base
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        base, tokenizer_home = None, path
+    return LoadedModel(model.to(device).eval(), ChatEncoder(find_sentencepiece(tokenizer_home)), path, base)

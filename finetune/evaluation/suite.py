@@ -1,0 +1,92 @@
+"""An evaluation suite: a YAML file in eval/ naming data files and a few settings, typed like recipes, and the
+suite's data read and encoded exactly as training encodes it (every bad row named)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finetune.data.rows import BadRow, DataError, bad_rows_message, check_messages, encode_source, read_rows
+from finetune.errors import InputError
+from finetune.evaluation.loading import LoadedModel
+from finetune.evaluation.rules import validate_rules
+from finetune.recipe.schema import DataSource
+from finetune.recipe.typed_yaml import build_dataclass, read_yaml_mapping
+
+
+class SuiteError(InputError):
+    """An evaluation suite that cannot run; the message names the suite file and the key."""
+
+
+@dataclass
+class Suite:
+    """One evaluation suite: a YAML file in eval/. Paths are relative to the working directory, as in
+    recipes."""
+
+    name: str
+    """Shown in reports."""
+    chat: str | None = None
+    """Conversations (.jsonl/.json/.parquet, training format) for held-out loss and router load."""
+    preferences: str | None = None
+    """Preference pairs (training format) for preference accuracy and reward margin."""
+    instructions: str | None = None
+    """Prompt rows {messages (ending with a user turn), answer, rules} for generation checks."""
+    max_length: int = 2048
+    """Longest sample in tokens; longer rows are reported as bad rows, never truncated."""
+    batch_size: int = 8
+    """Sequences per forward pass."""
+    max_new_tokens: int = 64
+    """Generation length limit per reply."""
+    beta: float = 0.1
+    """DPO beta for rewards: beta * log(policy / reference) of a reply."""
+    limit: int | None = None
+    """Use only the first N rows of each file (quick runs)."""
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness task names, run when lm-eval is installed."""
+    lm_eval_include: str | None = None
+    """Folder of lm-eval task YAMLs (local data files) registered before running `lm_eval_tasks`."""
+
+
+def load_suite(path: str | Path, overrides: list[str] = ()) -> Suite:
+    path = Path(path)
+    suite = build_dataclass(Suite, read_yaml_mapping(path, overrides, "suite", SuiteError), str(path), "", SuiteError)
+    for key in ("chat", "preferences", "instructions", "lm_eval_include"):
+        value = getattr(suite, key)
+        if value is not None and not Path(value).exists():
+            raise SuiteError(f"{path}: {key}: {value} does not exist (paths are relative to the working directory)")
+    if not (suite.chat or suite.preferences or suite.instructions or suite.lm_eval_tasks):
+        raise SuiteError(f"{path}: nothing to evaluate: set chat, preferences, instructions or lm_eval_tasks")
+    if suite.batch_size < 1 or suite.max_new_tokens < 1 or (suite.limit is not None and suite.limit < 1):
+        raise SuiteError(f"{path}: batch_size, max_new_tokens and limit must be at least 1")
+    return suite
+
+
+def suite_files(suite: Suite) -> list[str]:
+    """The data files a suite reads (inputs an --out folder must keep clear of)."""
+    return [p for p in (suite.chat, suite.preferences, suite.instructions, suite.lm_eval_include) if p]
+
+
+def encoded(path: str, kind: str, loaded: LoadedModel, suite: Suite) -> list[dict]:
+    samples, bad, _ = encode_source(DataSource(path), kind, loaded.encoder, suite.max_length, progress=False)
+    if bad:
+        raise DataError(f"suite {suite.name}, {path}: " + bad_rows_message(bad, with_fix=False))
+    return samples[: suite.limit]
+
+
+def instruction_rows(path: str, suite: Suite) -> list[dict]:
+    rows, bad = [], []
+    for where, row in read_rows(DataSource(path)):
+        if isinstance(row, BadRow):
+            bad.append(row)
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("answer"), str) or "rules" not in row:
+            bad.append(BadRow(where, "needs 'messages', 'answer' (text) and 'rules'"))
+            continue
+        reason = check_messages(row.get("messages"), ends_with="user") or validate_rules(row["rules"], "rules")
+        if reason:
+            bad.append(BadRow(where, reason))
+        else:
+            rows.append(row)
+    if bad:
+        raise DataError(f"suite {suite.name}, {path}: " + bad_rows_message(bad, with_fix=False))
+    return rows[: suite.limit]

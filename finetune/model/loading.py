@@ -1,0 +1,44 @@
+"""The recipe's base model, loaded for training in the training dtype (4-bit when `quantization: nf4`,
+finetune/model/quantized.py), with its sparse MoE blocks checked."""
+
+from __future__ import annotations
+
+import torch
+
+from finetune.moe.router import moe_blocks
+from finetune.recipe.schema import Recipe, RecipeError
+
+
+def training_dtype(recipe: Recipe) -> torch.dtype:
+    return torch.bfloat16 if use_bf16(recipe) else torch.float32
+
+
+def use_bf16(recipe: Recipe) -> bool:
+    """The recipe's `train.bf16` if set, else bf16 exactly when the GPU supports it."""
+    if "bf16" in recipe.train:
+        return bool(recipe.train["bf16"])
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def load_base_model(recipe: Recipe, dtype: torch.dtype | None = None):
+    """The recipe's base model, frozen parts in 4-bit when `quantization: nf4` (finetune/model/quantized.py)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = dtype or training_dtype(recipe)
+    try:
+        if recipe.quantization == "nf4":
+            from finetune.model.quantized import load_quantized_model
+
+            model = load_quantized_model(recipe, dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(recipe.model, dtype=dtype)
+    except OSError as err:
+        raise RecipeError(f"{recipe.source}: cannot load model {recipe.model!r}: {err}") from None
+    if not moe_blocks(model):
+        raise RecipeError(f"{recipe.source}: model {recipe.model!r} ({type(model).__name__}) has no sparse MoE blocks")
+    model.config.use_cache = False
+    if getattr(model.config, "head_dim", None) is None:
+        # Mixtral's config leaves head_dim unset (hidden / heads is implied). DeepSpeed's Ulysses reads it with
+        # getattr(config, "head_dim", hidden // heads), gets None and fails; the value the model uses anyway.
+        model.config.head_dim = model.config.hidden_size // model.config.num_attention_heads
+    return model

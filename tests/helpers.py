@@ -1,0 +1,147 @@
+"""What several test modules share, in one place: tiny-run overrides and trainers, the training log a run
+wrote, the commands run as a user runs them, small batches, independent router statistics, and seeded random
+conversations. (The loopback Hub server the push tests talk to is tests/hub_server.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+FINETUNE = Path(sys.executable).parent / "finetune"  # the console script, next to this interpreter
+SFT_RECIPE = "recipes/tiny/sft.yaml"
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny runs
+
+
+def tiny_overrides(model_dir, output_dir, **train):
+    """Overrides that make recipes/tiny/sft.yaml a quick test run."""
+    items = [f"model={model_dir}", f"output_dir={output_dir}", "resume=never", "launch=null"]
+    defaults = {"max_steps": 4, "logging_steps": 1, "eval_strategy": "no", "save_strategy": "no"}
+    items += [f"train.{k}={v}" for k, v in {**defaults, **train}.items()]
+    return items
+
+
+def make_trainer(model_dir, out, *extra, **train):
+    """(recipe, trainer, encoder) of the tiny SFT recipe, built as `finetune sft` builds it, not trained."""
+    from finetune.recipe.loading import load_recipe
+    from finetune.sft import build
+
+    recipe = load_recipe(SFT_RECIPE, tiny_overrides(model_dir, out, **train) + list(extra), expect_kind="sft")
+    trainer, encoder = build(recipe)
+    return recipe, trainer, encoder
+
+
+def log_history(folder) -> list[dict]:
+    """The log lines a finished run wrote (`trainer_state.json`'s `log_history`)."""
+    return json.loads((Path(folder) / "trainer_state.json").read_text())["log_history"]
+
+
+def logged(folder, key: str) -> list[float]:
+    """Every logged value of `key`, in order (e.g. "loss", "dpo_loss", "eval_loss")."""
+    return [line[key] for line in log_history(folder) if key in line]
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands as a user runs them
+
+
+def run_command(args: list[str], cwd=ROOT, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`finetune X ...` (args[0] == "finetune": the console script) or `python -m MODULE ...` (args[0] the
+    module), offline, in a new process; its output captured."""
+    command = [str(FINETUNE), *args[1:]] if args[0] == "finetune" else [sys.executable, "-m", *map(str, args)]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_refused(proc: subprocess.CompletedProcess, names: str, code: int = 2) -> str:
+    """The command ended with exactly one `error:` line containing `names`, exit `code`, no traceback."""
+    output = proc.stdout + proc.stderr
+    assert "Traceback" not in output, output[-3000:]
+    assert proc.returncode == code, output[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert names in errors[0], errors[0]
+    return errors[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches and router statistics computed without the toolkit
+
+CONVERSATION = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]
+OTHER = [{"role": "user", "content": "Reverse the word 'stone'."}, {"role": "assistant", "content": "enots"}]
+
+
+def batch_of(encoder, *conversations, pad_to=None):
+    samples = [encoder.encode(c) for c in conversations]
+    length = pad_to or max(len(s.input_ids) for s in samples)
+    ids = torch.tensor([s.input_ids + [0] * (length - len(s.input_ids)) for s in samples])
+    labels = torch.tensor([s.labels + [-100] * (length - len(s.labels)) for s in samples])
+    mask = torch.tensor([[1] * len(s.input_ids) + [0] * (length - len(s.input_ids)) for s in samples])
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+CONVERSATION = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]
+OTHER = [{"role": "user", "content": "Reverse the word 'stone'."}, {"role": "assistant", "content": "enots"}]
+
+
+def independent_stats(model, batch):
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True)
+    real = batch["attention_mask"].reshape(-1).bool()
+    rows = []
+    for layer in out.router_logits:
+        chosen = layer[real].topk(2, dim=-1).indices.reshape(-1)
+        rows.append(torch.bincount(chosen, minlength=layer.shape[-1]).double())
+    counts = torch.stack(rows)
+    mean = counts.mean(-1)
+    return counts / counts.sum(-1, keepdim=True), counts.std(-1, unbiased=False) / mean, counts.max(-1).values / mean - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeded random conversations (tokenizer parity)
+
+PLAIN_WORDS = (
+    "the model answers what is two plus three café naïve über straße Mixtral expert routing "
+    "bonjour comment ça va très bien merci 日本語 テキスト 中文 한국어 Ελληνικά русский 🤖 🚀 ✓ "
+    "def return x = 1 print(x) {\"key\": [1, 2]} 3.14159 -42 1e-5 100% #tag @user a/b\\c"
+).split()
+# Text that must stay plain: spellings of special tokens and the instruction markers.
+LOOKALIKES = ["</s>", "<s>", "[INST]", "[/INST]", "<unk>", "<<SYS>>", "<0x0A>", "▁"]
+SPACES = [" ", " ", " ", "  ", "   ", "\n", "\n\n", "\n    ", "\t", " \n", "\u00a0", "\r\n"]
+
+
+def random_text(rng: random.Random, lookalikes: bool) -> str:
+    parts = []
+    for _ in range(rng.randint(1, 14)):
+        if lookalikes and rng.random() < 0.15:
+            parts.append(rng.choice(LOOKALIKES))
+        else:
+            parts.append(rng.choice(PLAIN_WORDS))
+        parts.append(rng.choice(SPACES) if lookalikes else rng.choice(SPACES[:2] + ["\n", "\n    "]))
+    text = "".join(parts)
+    if lookalikes and rng.random() < 0.3:
+        text = rng.choice(SPACES) + text  # leading whitespace
+    else:
+        text = text.strip() or "x"
+    return text
+
+
+def random_conversation(rng: random.Random, lookalikes: bool = False, end_with_assistant: bool = True) -> list[dict]:
+    messages = []
+    if rng.random() < 0.4:
+        messages.append({"role": "system", "content": random_text(rng, lookalikes)})
+    turns = rng.randint(1, 4)
+    for t in range(turns):
+        messages.append({"role": "user", "content": random_text(rng, lookalikes)})
+        if t < turns - 1 or end_with_assistant:
+            messages.append({"role": "assistant", "content": random_text(rng, lookalikes)})
+    return messages
