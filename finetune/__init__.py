@@ -1,4 +1,10 @@
-"""Fine-tune Mixtral-style sparse Mixture-of-Experts models into chat models: SFT, then DPO."""
+"""Fine-tune Mixtral-style sparse Mixture-of-Experts models into chat models: SFT, then DPO.
+
+The commands are the modules at this level (`python -m finetune.X`, or `finetune X` through cli.py); below
+them, one folder per job, lowest first: files, recipe, data, moe, model, then train, merge, evaluation,
+planning and publish. Each folder's __init__ says what it may import; no folder imports a command
+(tests/test_architecture.py). errors.py and private_apis.py serve every folder.
+"""
 
 import logging
 

@@ -1,13 +1,11 @@
 """The tiny checkpoint looks like a real Mixtral repository; the pre-flight check shows what trains."""
 
 import json
-import subprocess
-import sys
 
 import torch
 
 from finetune.model.tiny import checkpoint_keys, make_tiny_mixtral
-from helpers import tiny_overrides
+from helpers import run_command, tiny_overrides
 
 
 def test_tiny_checkpoint_layout_and_loading(tiny_model_dir):
@@ -45,9 +43,7 @@ def test_tiny_checkpoint_is_seeded(tmp_path, tiny_model_dir):
 
 
 def run_check(repo_root, *args):
-    return subprocess.run(
-        [sys.executable, "-m", "finetune.check", *map(str, args)], capture_output=True, text=True, cwd=repo_root
-    )
+    return run_command(["finetune.check", *args], repo_root)
 
 
 def test_check_shows_counts_lengths_and_marked_sample(repo_root, tiny_model_dir, tmp_path):

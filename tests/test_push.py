@@ -1,14 +1,11 @@
 """Hub push against a real HTTP server on 127.0.0.1 that huggingface_hub talks to."""
 
 import hashlib
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import tiny_overrides
+from helpers import run_command, tiny_overrides
 from hub_server import HubServer
 
 TOKEN = "hf_test_token_never_written_anywhere"
@@ -22,11 +19,11 @@ def folder_files(folder: Path, checkpoints: bool = False) -> dict[str, str]:
     }
 
 
-def run(args, hub, repo_root, **kw):
-    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_TELEMETRY": "1",
+def run(args, hub, repo_root):
+    """A command talking to the loopback Hub with a token (online: the loopback Hub is the only network)."""
+    env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "0",
            "HF_HUB_ETAG_TIMEOUT": "5", "HF_HUB_DOWNLOAD_TIMEOUT": "5"}
-    return subprocess.run([sys.executable, *args], cwd=repo_root, env=env, capture_output=True, text=True,
-                          timeout=300, **kw)
+    return run_command(args, repo_root, env, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +40,7 @@ def adapter_dir(tiny_model_dir, tmp_path_factory):
 def test_push_commits_exactly_the_folder(adapter_dir, repo_root):
     before = folder_files(adapter_dir, checkpoints=True)
     with HubServer() as hub:
-        proc = run(["-m", "finetune.push", str(adapter_dir), "--repo-id", "org/tiny-sft", "--private",
+        proc = run(["finetune.push", str(adapter_dir), "--repo-id", "org/tiny-sft", "--private",
                     "--revision", "v1"], hub, repo_root)
         assert proc.returncode == 0, proc.stderr[-2000:]
         repo = hub.state.repos["org/tiny-sft"]
@@ -59,7 +56,7 @@ def test_push_commits_exactly_the_folder(adapter_dir, repo_root):
 def test_failing_hub_leaves_folder_intact_and_exits_nonzero(adapter_dir, repo_root):
     before = folder_files(adapter_dir, checkpoints=True)
     with HubServer(fail_with=500) as hub:
-        proc = run(["-m", "finetune.push", str(adapter_dir), "--repo-id", "org/tiny-sft"], hub, repo_root)
+        proc = run(["finetune.push", str(adapter_dir), "--repo-id", "org/tiny-sft"], hub, repo_root)
     assert proc.returncode == 1
     assert "failed" in proc.stderr and "the local folder is intact" in proc.stderr
     assert "Traceback" not in proc.stderr and TOKEN not in proc.stderr
@@ -81,14 +78,14 @@ def test_recipe_pushes_at_the_end_of_training(tiny_model_dir, tmp_path, repo_roo
 
     out = tmp_path / "sft"
     with HubServer() as hub:
-        proc = run(["-m", "finetune.sft", "recipes/tiny/sft.yaml", *tiny_overrides(tiny_model_dir, out, max_steps=1),
+        proc = run(["finetune.sft", "recipes/tiny/sft.yaml", *tiny_overrides(tiny_model_dir, out, max_steps=1),
                     "hub.repo_id=org/pushed"], hub, repo_root)
         assert proc.returncode == 0, proc.stderr[-2000:]
         files = set(hub.state.repos["org/pushed"]["branches"]["main"])
     assert files == set(folder_files(out))
     assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "recipe.yaml"} <= files
     with HubServer(fail_with=503) as hub:
-        proc = run(["-m", "finetune.sft", "recipes/tiny/sft.yaml", *tiny_overrides(tiny_model_dir, tmp_path / "b", max_steps=1),
+        proc = run(["finetune.sft", "recipes/tiny/sft.yaml", *tiny_overrides(tiny_model_dir, tmp_path / "b", max_steps=1),
                     "hub.repo_id=org/pushed"], hub, repo_root)
     assert proc.returncode == EXIT_PUSH_FAILED and "the local folder is intact" in proc.stderr
     assert "push it later with: python -m finetune.push" in proc.stderr and "Traceback" not in proc.stderr
