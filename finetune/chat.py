@@ -27,7 +27,7 @@ from typing import TextIO
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from finetune.cli import invoked_as
+from finetune.cli import check_number, invoked_as
 from finetune.errors import InputError
 from finetune.evaluation.loading import LoadedModel, check_loadable, load_for_eval
 from finetune.evaluation.scoring import PAD_ID, until_eos
@@ -128,8 +128,16 @@ def read_turn(stdin: TextIO, tty: bool) -> str | None:
         except (EOFError, KeyboardInterrupt):
             print()
             return None
-    line = stdin.readline()
+    try:
+        line = stdin.readline()
+    except KeyboardInterrupt:  # Ctrl-C while waiting for piped input: the end of the session
+        return None
     return line or None
+
+
+def not_utf8(text: str) -> bool:
+    """Whether text read with `surrogateescape` held bytes that are not UTF-8."""
+    return any("\udc80" <= c <= "\udcff" for c in text)
 
 
 def interactive(session: ChatSession, stdin: TextIO, out: TextIO, notices: TextIO) -> None:
@@ -143,6 +151,9 @@ def interactive(session: ChatSession, stdin: TextIO, out: TextIO, notices: TextI
     while (line := read_turn(stdin, tty)) is not None:
         text = line.strip()
         if not text:
+            continue
+        if not_utf8(text):
+            print("(that line is not valid UTF-8 text; it is left out)", file=notices)
             continue
         if text in ("/exit", "/quit"):
             break
@@ -176,10 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens {args.max_new_tokens}: give at least 1")
-    if args.temperature < 0:
-        raise InputError(f"--temperature {args.temperature}: give 0 (greedy) or more")
+    check_number("--temperature", args.temperature, minimum=0)  # 0: greedy
     if args.prompt is not None and not args.prompt.strip():
         raise InputError("--prompt is empty: give the message to answer")
+    for option, value in (("--prompt", args.prompt), ("--system", args.system)):
+        if value is not None and not_utf8(value):
+            raise InputError(f"{option} is not valid UTF-8 text: give it in UTF-8")
     check_loadable(args.model, args.base)
 
     notices = sys.stderr
@@ -191,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     on = f" (adapter on {loaded.base})" if loaded.base else ""
     print(f"chatting with {args.model}{on}: Mixtral-Instruct format, {session.context}-token context. "
           "/reset starts a new conversation, /exit leaves.", file=notices)
+    sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 is skipped, not a traceback
     interactive(session, sys.stdin, sys.stdout, notices)
     return 0
 

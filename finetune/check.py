@@ -11,23 +11,18 @@ rows when something is wrong.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from finetune.cli import invoked_as
 from finetune.data.cache import prepare
 from finetune.data.chat_format import encoder_for
 from finetune.data.preview import report
-from finetune.recipe.loading import load_recipe
 from finetune.train.preflight import preflight
+from finetune.train.steps import recipe_from_command_line
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=invoked_as("check"), description=__doc__.split("\n")[0])
-    parser.add_argument("recipe")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.max_length=512")
-    args = parser.parse_args(argv)
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe, _ = recipe_from_command_line(invoked_as("check"), None, __doc__, argv)
     preflight(recipe)  # exactly what the passes refuse before loading
     encoder = encoder_for(recipe)
     prepared = prepare(recipe.data, recipe.kind, encoder, progress=sys.stderr.isatty())

@@ -11,10 +11,19 @@ Also what every command shares about its command line: how it was invoked (for i
 from __future__ import annotations
 
 import importlib
+import math
+import os
 import sys
 from pathlib import Path
 
-from finetune.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, CheckFailed, InputError
+from finetune.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_BROKEN_PIPE,
+    EXIT_CHECK_FAILED,
+    EXIT_CTRL_C,
+    CheckFailed,
+    InputError,
+)
 
 COMMANDS = {
     "demo": "the whole pipeline on a tiny Mixtral on CPU (base, SFT, DPO, export, evaluation, report)",
@@ -42,8 +51,20 @@ def invoked_as(command: str) -> str:
     return f"python -m finetune.{command}"
 
 
+def check_number(option: str, value: float | None, minimum: float | None = None, above: bool = False) -> None:
+    """A number given on the command line is finite (`nan`, `inf` parse as floats) and not below `minimum` (or,
+    with `above`, strictly above it); else an InputError naming the option. None (not given) passes."""
+    if value is None:
+        return
+    if not math.isfinite(value):
+        raise InputError(f"{option} {value}: give a finite number")
+    if minimum is not None and (value <= minimum if above else value < minimum):
+        raise InputError(f"{option} {value:g}: give a number {'above' if above else 'of at least'} {minimum:g}")
+
+
 def run_guarded(main_fn, argv=None) -> int:
-    """Run a command's `main`: bad input exits 2, a failed check 1, each as one `error:` line."""
+    """Run a command's `main`: bad input exits 2, a failed check 1, each as one `error:` line; Ctrl-C 130 and a
+    reader that closed our output (`| head`) 141, as the shell reports those signals, without a traceback."""
     try:
         return main_fn(argv) or 0
     except (InputError, FileNotFoundError) as err:
@@ -52,6 +73,13 @@ def run_guarded(main_fn, argv=None) -> int:
     except CheckFailed as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CHECK_FAILED
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_CTRL_C
+    except BrokenPipeError:
+        # Python would complain again flushing stdout at exit: point it at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 def usage() -> str:

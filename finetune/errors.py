@@ -15,12 +15,17 @@ Bad input and failed checks end in one `error:` line (finetune.cli.run_guarded, 
 |      |                     | failed: push them later with `finetune push`                                   |
 | 75   | `EXIT_INTERRUPTED`  | stopped by SIGTERM with a checkpoint; run the same command again to continue   |
 |      |                     | (EX_TEMPFAIL from sysexits.h, "try again later": a job script can requeue on it)|
+| 130  | `EXIT_CTRL_C`       | stopped by Ctrl-C (128 + SIGINT, as a shell reports it)                       |
+| 141  | `EXIT_BROKEN_PIPE`  | the reader of our output went away (`finetune chat ... | head -1`; 128 + SIGPIPE)|
+| 143  | -                   | SIGTERM while tokenizing the data: the workers and the partial cache are gone  |
 """
 
 EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_PUSH_FAILED = 3
 EXIT_INTERRUPTED = 75
+EXIT_CTRL_C = 130
+EXIT_BROKEN_PIPE = 141
 
 
 class InputError(ValueError):

@@ -20,11 +20,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.cli import invoked_as
+from finetune.cli import check_number, invoked_as
 from finetune.errors import CheckFailed
 from finetune.files.adapter_folder import adapter_base, read_adapter_config
 from finetune.files.output_folder import check_output, staged
 from finetune.files.safetensors import allocate_large_tensors_with_mmap
+from finetune.merge.lineage import check_chain
 from finetune.merge.streaming import DTYPES, Adapter, ExportError, base_files, write_merged
 from finetune.merge.verify import max_logit_difference
 from finetune.publish.card import merged_card
@@ -50,9 +51,11 @@ def export(adapters: list[str], out: str | Path, base: str | None = None, dtype:
     allocate_large_tensors_with_mmap()  # one shard or layer resident at a time, not a fragmented heap of them
     for adapter in adapters:
         read_adapter_config(adapter)  # a PEFT adapter folder, readable, before anything else
+    base_given = base is not None
     base = base or (adapter_base(adapters[0]) if adapters else None)
     if not base:
         raise ExportError("no --base given and the adapter records no base model")
+    check_chain(adapters, base, base_given)
     base_dir = base_files(base)
     check_output(out, {"base model": base_dir, **{f"adapter {a}": a for a in adapters}}, overwrite)
     config = json.loads((base_dir / "config.json").read_text())
@@ -95,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-verify", action="store_true", help="skip the layer-by-layer logits check")
     parser.add_argument("--tolerance", type=float, default=None, help="max |logit diff| (default 1e-3, bf16/fp16 0.1)")
     args = parser.parse_args(argv)
+    check_number("--tolerance", args.tolerance, minimum=0)
     exported = export(args.adapters, args.out, args.base, args.dtype, overwrite=args.overwrite,
                       verify=not args.no_verify, tolerance=args.tolerance)
     print(f"merged model written to {exported.folder}")

@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from finetune.cli import invoked_as
+from finetune.cli import check_number, invoked_as
 from finetune.errors import InputError
 from finetune.model.config import ModelSourceError, read_model_config
+from finetune.model.shapes import shape_problems
 from finetune.planning.alternatives import fitting_setups, render_suggestions
 from finetune.planning.memory import (
     GIB,
@@ -42,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     for option, value in (("--gpus", args.gpus), ("--nodes", args.nodes)):
         if value < 1:
             raise InputError(f"{option} must be >= 1, got {value}")
-    if args.gpu_memory is not None and args.gpu_memory <= 0:
-        raise InputError(f"--gpu-memory must be > 0 GiB, got {args.gpu_memory:g}")
+    check_number("--gpu-memory", args.gpu_memory, minimum=0, above=True)
     recipe = load_recipe(args.recipe, args.overrides)
     stage, off_opt, off_param, ds_settings = zero_settings(recipe, args.zero, args.offload)
     if recipe.quantization != "none" and (stage or off_opt or off_param):
@@ -53,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         config, source = read_model_config(recipe.model, builtin=True)
     except ModelSourceError as err:
         raise RecipeError(f"{recipe.source}: {err}") from None
+    problems = shape_problems(config, 2 if args.device == "gpu" else 4, recipe.quantization != "none")
+    if problems:
+        raise InputError(f"{recipe.source}: model {recipe.model}: {problems[0]}")
+    world = args.gpus * args.nodes
+    if world % recipe.sequence_parallel:
+        raise InputError(f"{recipe.source}: sequence_parallel: {recipe.sequence_parallel} must divide the {world} "
+                         f"processes (--gpus {args.gpus} x --nodes {args.nodes})")
     counts = count_parameters(recipe, config)
     setup = Setup(args.gpus, args.nodes, stage, off_opt, off_param, recipe.data.max_length,
                   recipe.train.get("per_device_train_batch_size", 8), recipe.train.get("gradient_accumulation_steps", 1),

@@ -23,8 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--revision", default=None, help="branch to push to (created if missing)")
     parser.add_argument("--include-checkpoints", action="store_true", help="also upload checkpoint-* folders")
+    parser.add_argument("--base-id", help="the base model's Hub id, named in the pushed adapter_config.json "
+                                          "(default: the base the adapter records, when that is a Hub id)")
     args = parser.parse_args(argv)
-    url = push(args.folder, args.repo_id, args.private, args.revision, args.include_checkpoints)
+    url = push(args.folder, args.repo_id, args.private, args.revision, args.include_checkpoints, args.base_id)
     print(f"pushed {args.folder} to {url}")
     return 0
 

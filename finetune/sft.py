@@ -20,14 +20,14 @@ from finetune.cli import invoked_as
 from finetune.data.chat_format import encoder_for
 from finetune.model.loading import load_base_model
 from finetune.model.lora_targets import make_trainable
-from finetune.recipe.loading import load_recipe
 from finetune.recipe.schema import Recipe
 from finetune.train.arguments import trainer_args
 from finetune.train.checkpoints import resume_checkpoint
 from finetune.train.launch import is_main_process, prepare_for_launch, relaunch_with_accelerate, should_relaunch
 from finetune.train.outputs import push_outputs, save_outputs
 from finetune.train.preflight import preflight
-from finetune.train.steps import announce, load_data, parse_command_line, train, trainer_inputs
+from finetune.train.run_folder import already_complete
+from finetune.train.steps import announce, load_data, recipe_from_command_line, train, trainer_inputs
 from finetune.train.trainer import MoETrainerMixin
 
 
@@ -50,13 +50,15 @@ def build(recipe: Recipe, args=None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    command = parse_command_line(invoked_as("sft"), __doc__, argv)
     # Recipe, and everything refused before any weight loads (output folder, model config, TRL's arguments).
-    recipe = load_recipe(command.recipe, command.overrides, expect_kind="sft")
+    recipe, command = recipe_from_command_line(invoked_as("sft"), "sft", __doc__, argv)
     args = preflight(recipe)
     # Under the recipe's `launch` file, unless already launched: the child runs the steps below.
     if should_relaunch(recipe):
         return relaunch_with_accelerate(recipe, command.recipe, command.overrides)
+    # The same command after a finished run changes nothing.
+    if already_complete(recipe):
+        return 0
     # Resume: the newest complete checkpoint of this same run, if output_dir holds one.
     resume_from = resume_checkpoint(recipe, is_main_process())
     trainer, encoder = build(recipe, args)

@@ -145,3 +145,15 @@ def random_conversation(rng: random.Random, lookalikes: bool = False, end_with_a
         if t < turns - 1 or end_with_assistant:
             messages.append({"role": "assistant", "content": random_text(rng, lookalikes)})
     return messages
+
+
+def refused_here(capsys, argv: list[str], names: str, code: int = 2) -> str:
+    """`finetune ARGV` run in this process ended with exactly one `error:` line containing `names` and exit
+    `code` (any other exception would fail the test with its traceback)."""
+    from finetune.cli import main
+
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and names in errors[0], err[-3000:]
+    return errors[0]

@@ -135,7 +135,8 @@ def test_no_secret_and_no_machine_path_is_written(inputs, repo_root, tmp_path):
     (["--gpus", "0"], "--gpus must be >= 1, got 0"),
     (["--gpus", "-2"], "--gpus must be >= 1, got -2"),
     (["--nodes", "0"], "--nodes must be >= 1, got 0"),
-    (["--gpu-memory", "-5"], "--gpu-memory must be > 0 GiB, got -5"),
+    (["--gpu-memory", "-5"], "--gpu-memory -5: give a number above 0"),
+    (["--gpu-memory", "nan"], "--gpu-memory nan: give a finite number"),
     (["--gpus", "0", "--zero", "3"], "--gpus must be >= 1, got 0"),
 ])
 def test_plan_refuses_impossible_setups(args, expected, inputs, repo_root):
@@ -171,7 +172,8 @@ def test_evaluate_refuses_unloadable_models_before_writing(case, inputs, repo_ro
 def test_push_to_an_unreachable_hub_is_one_line(inputs, repo_root):
     env = {"HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}", "HF_TOKEN": SECRET, "HF_HUB_OFFLINE": "0"}
     before = sorted(p.name for p in inputs["adapter"].iterdir())
-    proc = run_command(["finetune.push", str(inputs["adapter"]), "--repo-id", "me/tiny"], repo_root, env)
+    proc = run_command(["finetune.push", str(inputs["adapter"]), "--repo-id", "me/tiny", "--base-id", "me/base"],
+                       repo_root, env)
     assert_refused(proc, f"upload of {inputs['adapter']} to me/tiny at http://127.0.0.1", code=1)
     assert SECRET not in proc.stdout + proc.stderr
     assert sorted(p.name for p in inputs["adapter"].iterdir()) == before
@@ -182,8 +184,10 @@ def test_training_whose_push_fails_keeps_its_outputs_and_exits_3(inputs, repo_ro
 
     env = {"HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}", "HF_TOKEN": SECRET, "HF_HUB_OFFLINE": "0"}
     out = inputs["root"] / "out-push"
-    proc = run_command(["finetune.sft", *recipe_args(["hub.repo_id=me/tiny"], inputs, out)], repo_root, env)
-    assert_refused(proc, f"push it later with: python -m finetune.push {out} --repo-id me/tiny", code=EXIT_PUSH_FAILED)
+    proc = run_command(["finetune.sft", *recipe_args(["hub.repo_id=me/tiny", "hub.base_id=me/base"], inputs, out)],
+                       repo_root, env)
+    assert_refused(proc, f"push it later with: python -m finetune.push {out} --repo-id me/tiny --base-id me/base",
+                   code=EXIT_PUSH_FAILED)
     # Nothing lost: the finished run is all there, trained to the end, and loads as a PEFT adapter.
     from peft import PeftConfig
     from safetensors.torch import load_file

@@ -2,7 +2,13 @@
 rerun, rebuilt when the data section, a data file, the tokenizer or the encoder changes."""
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -193,3 +199,94 @@ def test_a_cache_folder_that_cannot_be_written_is_named(two_sources, encoder, tm
     data = DataSection(train=[DataSource(str(a))], on_bad_rows="skip", cache_dir=str(blocked / "cache"))
     with pytest.raises(DataError, match=rf"cannot write the tokenized-data cache in {blocked}/cache .*set data.cache_dir"):
         prepare(data, "sft", encoder, progress=False)
+
+
+def test_an_edit_that_keeps_size_and_time_is_seen(tmp_path, encoder, capsys):
+    a = write_rows(tmp_path / "a.jsonl", [chat(f"question a{i}", f"answer {i}") for i in range(20)])
+    data = DataSection(train=[DataSource(str(a))], eval_fraction=0, max_length=128, cache_dir=str(tmp_path / "c"))
+    before = prepare(data, "sft", encoder, progress=False)
+    stat = a.stat()
+    a.write_text(a.read_text().replace("answer 7", "ANSWER 7"))  # same size
+    os.utime(a, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as `touch -r` or rsync leave it
+    assert a.stat().st_size == stat.st_size and a.stat().st_mtime_ns == stat.st_mtime_ns
+    after = prepare(data, "sft", encoder, progress=False)
+    assert not after.cache_hit and after.folder != before.folder
+    replies = {encoder.decode([t for t in s["labels"] if t >= 0]) for s in after.train}
+    assert "ANSWER 7" in replies and "answer 7" not in replies
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated arrow", "no train_rows.npy", "no summary.json"])
+def test_a_damaged_cache_is_rebuilt_not_trained_on(tmp_path, encoder, capsys, damage):
+    a = write_rows(tmp_path / "a.jsonl", [chat(f"question a{i}", f"answer {i}") for i in range(20)])
+    data = DataSection(train=[DataSource(str(a))], eval_fraction=0, max_length=128, cache_dir=str(tmp_path / "c"))
+    good = prepare(data, "sft", encoder, progress=False)
+    expected = [(s["input_ids"], s["labels"]) for s in good.train]
+    arrow = sorted(good.folder.glob("*.arrow"))[0]
+    if damage == "flipped byte":
+        raw = bytearray(arrow.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        arrow.write_bytes(bytes(raw))
+    elif damage == "truncated arrow":
+        arrow.write_bytes(arrow.read_bytes()[:100])
+    else:
+        (good.folder / damage.removeprefix("no ")).unlink()
+    capsys.readouterr()
+    again = prepare(data, "sft", encoder, progress=False)
+    assert f"the tokenized-data cache {good.folder} is damaged" in capsys.readouterr().out
+    assert not again.cache_hit and again.folder == good.folder
+    assert [(s["input_ids"], s["labels"]) for s in again.train] == expected
+    assert prepare(data, "sft", encoder, progress=False).cache_hit  # whole again
+
+
+def test_a_line_too_long_for_max_length_is_refused_unread(tmp_path, encoder):
+    a = write_rows(tmp_path / "a.jsonl", [chat("short", "fine"), chat("x" * 3_000_000, "long")])
+    data = DataSection(train=[DataSource(str(a))], eval_fraction=0, max_length=128, on_bad_rows="skip",
+                       cache_dir=str(tmp_path / "c"))
+    prepared = prepare(data, "sft", encoder, progress=False)
+    assert len(prepared.train) == 1
+    (bad,) = prepared.bad_rows
+    assert bad.where == f"{a}:2" and bad.reason.startswith("too long: a line of 3,000,0")
+
+
+@pytest.mark.slow
+def test_sigterm_while_tokenizing_leaves_no_worker_and_no_partial_folder(tmp_path, repo_root, tiny_model_dir):
+    rows = (repo_root / "data" / "chat" / "train.jsonl").read_text()
+    big = tmp_path / "big.jsonl"
+    big.write_text(rows * 15)  # 30,000 conversations: several seconds of tokenizing in 2 processes
+    cache = tmp_path / "cache"
+    args = ["finetune.check", "recipes/tiny/sft.yaml", f"model={tiny_model_dir}", f"output_dir={tmp_path / 'out'}",
+            f"data.train=[{{path: {big}}}]", "data.eval=[]", "data.eval_fraction=0", "data.num_proc=2",
+            f"data.cache_dir={cache}"]
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=repo_root, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (list(cache.glob(".*.partial/source-0*.arrow")) and children(proc.pid)):
+        assert proc.poll() is None and time.monotonic() < deadline, "tokenizing never started in workers"
+        time.sleep(0.1)
+    workers = children(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, output[-3000:]
+    assert "Traceback" not in output and "SIGTERM received while tokenizing" in output
+    time.sleep(1)
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "tokenizing workers outlived the run"
+    assert not list(cache.glob(".*.partial"))
+
+
+def children(pid: int) -> list[int]:
+    """The ids of a process's child processes (Linux /proc)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        found += [int(c) for c in (task / "children").read_text().split()] if (task / "children").is_file() else []
+    return found
+
+
+def test_a_partial_folder_left_by_a_killed_build_is_removed_by_the_next(tmp_path, encoder, capsys):
+    a = write_rows(tmp_path / "a.jsonl", [chat(f"question a{i}", f"answer {i}") for i in range(20)])
+    data = DataSection(train=[DataSource(str(a))], eval_fraction=0, max_length=128, cache_dir=str(tmp_path / "c"))
+    key, _ = data_cache.cache_key(data, "sft", encoder)
+    stale = tmp_path / "c" / f".{key}.abc123.partial"
+    stale.mkdir(parents=True)
+    (stale / ".writer-pid").write_text("999999999")  # no such process
+    prepare(data, "sft", encoder, progress=False)
+    assert not stale.exists() and f"removing {stale}" in capsys.readouterr().out

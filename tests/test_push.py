@@ -1,11 +1,14 @@
 """Hub push against a real HTTP server on 127.0.0.1 that huggingface_hub talks to."""
 
 import hashlib
+import json
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from helpers import run_command, tiny_overrides
+from finetune.recipe.typed_yaml import parse_yaml
+from helpers import assert_refused, run_command, tiny_overrides
 from hub_server import HubServer
 
 TOKEN = "hf_test_token_never_written_anywhere"
@@ -37,26 +40,50 @@ def adapter_dir(tiny_model_dir, tmp_path_factory):
     return out
 
 
-def test_push_commits_exactly_the_folder(adapter_dir, repo_root):
+PUBLIC_COPIES = {"recipe.yaml", "adapter_config.json", "trainer_state.json"}  # pushed with paths made public
+
+
+def test_push_commits_the_folder_without_this_machines_paths(adapter_dir, repo_root):
     before = folder_files(adapter_dir, checkpoints=True)
     with HubServer() as hub:
         proc = run(["finetune.push", str(adapter_dir), "--repo-id", "org/tiny-sft", "--private",
-                    "--revision", "v1"], hub, repo_root)
+                    "--revision", "v1", "--base-id", "org/tiny-base"], hub, repo_root)
         assert proc.returncode == 0, proc.stderr[-2000:]
         repo = hub.state.repos["org/tiny-sft"]
-        committed = {path: hashlib.sha256(data).hexdigest() for path, data in repo["branches"]["v1"].items()}
+        pushed = dict(repo["branches"]["v1"])
+    committed = {path: hashlib.sha256(data).hexdigest() for path, data in pushed.items()}
     assert repo["private"] is True
-    assert committed == folder_files(adapter_dir)  # every file, byte for byte; training checkpoints left out
+    local = folder_files(adapter_dir)  # training checkpoints left out
+    # Every file byte for byte, but the pickled training arguments (never pushed) and the public copies.
+    assert set(committed) == set(local) - {"training_args.bin"} and PUBLIC_COPIES <= set(committed)
+    assert {p: h for p, h in committed.items() if p not in PUBLIC_COPIES} == \
+        {p: h for p, h in local.items() if p not in PUBLIC_COPIES | {"training_args.bin"}}
+    # No file names a path of this machine: not the run's folder, the base's, the data's, nor the temp root.
+    for path, data in pushed.items():
+        for local_path in (adapter_dir.parent, repo_root, Path(tempfile.gettempdir())):
+            assert str(local_path).encode() not in data, (path, local_path)
+    assert json.loads(pushed["adapter_config.json"])["base_model_name_or_path"] == "org/tiny-base"
+    assert parse_yaml(pushed["recipe.yaml"].decode())["output_dir"] == adapter_dir.name
+    # The local folder keeps what resume and export read.
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] != "org/tiny-base"
     assert any(a == f"Bearer {TOKEN}" for a in hub.state.authorization)
     assert TOKEN not in proc.stdout + proc.stderr
     assert folder_files(adapter_dir, checkpoints=True) == before
     assert not any(TOKEN.encode() in p.read_bytes() for p in adapter_dir.rglob("*") if p.is_file())
 
 
+def test_push_of_an_adapter_on_a_local_base_needs_its_hub_id(adapter_dir, repo_root):
+    with HubServer() as hub:
+        proc = run(["finetune.push", str(adapter_dir), "--repo-id", "org/tiny-sft"], hub, repo_root)
+        assert not hub.state.repos  # refused before any request
+    assert_refused(proc, "give the base's Hub id with --base-id ORG/NAME")
+
+
 def test_failing_hub_leaves_folder_intact_and_exits_nonzero(adapter_dir, repo_root):
     before = folder_files(adapter_dir, checkpoints=True)
     with HubServer(fail_with=500) as hub:
-        proc = run(["finetune.push", str(adapter_dir), "--repo-id", "org/tiny-sft"], hub, repo_root)
+        proc = run(["finetune.push", str(adapter_dir), "--repo-id", "org/tiny-sft", "--base-id", "org/b"], hub,
+                   repo_root)
     assert proc.returncode == 1
     assert "failed" in proc.stderr and "the local folder is intact" in proc.stderr
     assert "Traceback" not in proc.stderr and TOKEN not in proc.stderr
@@ -79,14 +106,14 @@ def test_recipe_pushes_at_the_end_of_training(tiny_model_dir, tmp_path, repo_roo
     out = tmp_path / "sft"
     with HubServer() as hub:
         proc = run(["finetune.sft", "recipes/tiny/sft.yaml", *tiny_overrides(tiny_model_dir, out, max_steps=1),
-                    "hub.repo_id=org/pushed"], hub, repo_root)
+                    "hub.repo_id=org/pushed", "hub.base_id=org/tiny-base"], hub, repo_root)
         assert proc.returncode == 0, proc.stderr[-2000:]
         files = set(hub.state.repos["org/pushed"]["branches"]["main"])
-    assert files == set(folder_files(out))
+    assert files == set(folder_files(out)) - {"training_args.bin"}
     assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "recipe.yaml"} <= files
     with HubServer(fail_with=503) as hub:
         proc = run(["finetune.sft", "recipes/tiny/sft.yaml", *tiny_overrides(tiny_model_dir, tmp_path / "b", max_steps=1),
-                    "hub.repo_id=org/pushed"], hub, repo_root)
+                    "hub.repo_id=org/pushed", "hub.base_id=org/tiny-base"], hub, repo_root)
     assert proc.returncode == EXIT_PUSH_FAILED and "the local folder is intact" in proc.stderr
     assert "push it later with: python -m finetune.push" in proc.stderr and "Traceback" not in proc.stderr
     assert (tmp_path / "b" / "adapter_model.safetensors").is_file()

@@ -2,7 +2,8 @@
 
 `prepare` reads every source, has datasets' `map` validate and encode the rows in several processes
 (finetune/data/rows.py does each row), mixes and splits them, and saves the result under `data.cache_dir`, keyed
-by the data section, the data files (resolved path, size, modification time), the tokenizer file's bytes
+by the data section, the data files (resolved path, size and a digest of their bytes:
+finetune/data/cache_integrity.py), the tokenizer file's bytes
 and `ENCODER_VERSION`. A later call with the same key (another rank, a rerun, a resume) memory-maps that
 folder: no Python lists of tokens, no second tokenization. Under several processes the passes call it with
 each node's main process first and the others waiting (finetune/train/steps.py), so a node tokenizes once.
@@ -23,12 +24,14 @@ import json
 import os
 import random
 import shutil
+import signal
 import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from finetune.data.cache_integrity import damage, file_digest, folder_checksums
 from finetune.data.chat_format import ENCODER_VERSION, IGNORE_INDEX, ChatEncoder
 from finetune.data.rows import (
     REQUIRED_FIELDS,
@@ -39,7 +42,9 @@ from finetune.data.rows import (
     encode_preference_row,
     read_rows,
     reason_kind,
+    row_byte_limit,
 )
+from finetune.files.output_folder import OWNER_FILE, is_alive
 from finetune.recipe.schema import DataSection, DataSource
 
 CACHE_ENV = "MIXTRAL_FINETUNE_CACHE"
@@ -84,7 +89,17 @@ def prepare(data: DataSection, kind: str, encoder: ChatEncoder, progress: bool =
     start = time.perf_counter()
     key, described = cache_key(data, kind, encoder)
     folder = cache_root(data) / key
-    hit = (folder / "summary.json").is_file()
+    hit = folder.is_dir()
+    problem = damage(folder) if hit else None
+    if problem:  # never trained on: rebuilt from the data, saying why
+        print(f"the tokenized-data cache {folder} is damaged ({problem}); rebuilding it", flush=True)
+        try:
+            shutil.rmtree(folder)
+        except OSError as err:
+            raise DataError(f"the tokenized-data cache {folder} is damaged ({problem}) and cannot be removed "
+                            f"({err.strerror or err}); delete it, or set data.cache_dir (or ${CACHE_ENV}) to a "
+                            "writable folder") from None
+        hit = False
     if not hit:
         build(folder, data, kind, encoder, progress, described)
     prepared = open_cached(folder)
@@ -123,8 +138,7 @@ def cache_key(data: DataSection, kind: str, encoder: ChatEncoder) -> tuple[str, 
 def source_identity(source: DataSource) -> dict:
     path = Path(source.path)
     if path.is_file():
-        stat = path.stat()
-        return {"file": str(path.resolve()), "bytes": stat.st_size, "modified_ns": stat.st_mtime_ns}
+        return {"file": str(path.resolve()), "bytes": path.stat().st_size, "blake2b": file_digest(path)}
     return {"hub": source.path, "subset": source.subset, "split": source.split}
 
 
@@ -152,21 +166,13 @@ def build(folder: Path, data: DataSection, kind: str, encoder: ChatEncoder, prog
     split are row numbers, so this process never reads them."""
     import numpy
 
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
-    except OSError as err:
-        raise DataError(f"cannot write the tokenized-data cache in {folder.parent} ({err.strerror or err}); set "
-                        f"data.cache_dir (or ${CACHE_ENV}) to a writable folder") from None
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the cache is read by every rank
+    staging = new_staging(folder)
     try:
         rng = random.Random(data.seed)
         bad, rows_read, source_files, offset = [], 0, [], 0
         train_rows, eval_rows = [], []
         sources = [(s, "train") for s in data.train] + [(s, "eval") for s in data.eval]
-        with progress_bars(progress):
+        with progress_bars(progress), sigterm_ends_the_build():
             for number, (source, role) in enumerate(sources):
                 encoded = tokenize_source(source, kind, encoder, data, staging, f"source-{number}")
                 shutil.rmtree(staging / "scratch", ignore_errors=True)  # the rows as read: encoded now
@@ -196,7 +202,9 @@ def build(folder: Path, data: DataSection, kind: str, encoder: ChatEncoder, prog
             numpy.save(staging / "eval_rows.npy", numpy.array(eval_rows, dtype=numpy.int64))
         with (staging / "bad_rows.jsonl").open("w") as f:
             f.writelines(json.dumps(asdict(b), ensure_ascii=False) + "\n" for b in bad)
-        summary = {"rows_read": rows_read, "bad_rows": len(bad), "source_files": source_files, "built_from": described}
+        (staging / OWNER_FILE).unlink()
+        summary = {"rows_read": rows_read, "bad_rows": len(bad), "source_files": source_files, "built_from": described,
+                   "checksums": folder_checksums(staging)}
         (staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")  # written last: complete
         try:
             staging.rename(folder)
@@ -205,6 +213,28 @@ def build(folder: Path, data: DataSection, kind: str, encoder: ChatEncoder, prog
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def new_staging(folder: Path) -> Path:
+    """A new hidden `.KEY.*.partial` folder beside `folder` to build in, owned by this process; the ones a killed
+    build left (their owner gone) are removed first."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        for stale in folder.parent.glob(f".{folder.name}.*.partial"):
+            owner = stale / OWNER_FILE
+            pid = owner.read_text().strip() if owner.is_file() else ""
+            if not (pid.isdigit() and is_alive(int(pid))):
+                print(f"removing {stale}, left by a tokenization that was stopped", flush=True)
+                shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
+        (staging / OWNER_FILE).write_text(str(os.getpid()))
+    except OSError as err:
+        raise DataError(f"cannot write the tokenized-data cache in {folder.parent} ({err.strerror or err}); set "
+                        f"data.cache_dir (or ${CACHE_ENV}) to a writable folder") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the cache is read by every rank
+    return staging
 
 
 def column(dataset, name: str) -> list:
@@ -228,7 +258,8 @@ def tokenize_source(source: DataSource, kind: str, encoder: ChatEncoder, data: D
     raw_features = datasets.Features({name: datasets.Value("large_string") for name in ("where", "row", "problem")})
     try:
         raw = datasets.Dataset.from_generator(
-            raw_rows, gen_kwargs={"source": source, "columns": REQUIRED_FIELDS[kind]}, features=raw_features,
+            raw_rows, gen_kwargs={"source": source, "columns": REQUIRED_FIELDS[kind],
+                                     "max_bytes": row_byte_limit(data.max_length)}, features=raw_features,
             cache_dir=str(folder / "scratch" / name),
         )
     except datasets.exceptions.DatasetGenerationError as err:
@@ -254,9 +285,9 @@ def tokenize_source(source: DataSource, kind: str, encoder: ChatEncoder, data: D
     )
 
 
-def raw_rows(source: DataSource, columns: tuple[str, ...]):
+def raw_rows(source: DataSource, columns: tuple[str, ...], max_bytes: int):
     """Each row as JSON text (or its problem: bad UTF-8, malformed JSON), named by `where`."""
-    for where, row in read_rows(source, columns):
+    for where, row in read_rows(source, columns, max_bytes):
         if isinstance(row, BadRow):
             yield {"where": where, "row": None, "problem": row.reason}
         else:
@@ -281,6 +312,44 @@ def encode_batch(batch: dict, kind: str, encoder: ChatEncoder, max_length: int) 
             longest = max(len(sample["chosen_ids"]), len(sample["rejected_ids"])) if sample else 0
             out["num_tokens"].append(len(sample["prompt_ids"]) + longest if sample else 0)
     return out
+
+
+@contextlib.contextmanager
+def sigterm_ends_the_build():
+    """SIGTERM while tokenizing raises here instead of killing the process outright, so the tokenizing worker
+    processes are terminated (datasets' pool closes on the exception) and the partial folder is removed, before
+    the process exits with 143, as a SIGTERM would have it."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        print("SIGTERM received while tokenizing: stopping the workers and removing the partial cache", flush=True)
+        raise SystemExit(128 + signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def maps_outside_cache():
+    """datasets' `map` results go to a temporary folder for a block, not next to the source files: TRL packs
+    (and otherwise maps) our memory-mapped datasets while building its trainer, and its files must not land in
+    the cache folder (which may be read-only, and whose files are checksummed)."""
+    import datasets
+
+    was_enabled = datasets.is_caching_enabled()
+    datasets.disable_caching()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_caching()
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ from finetune.recipe.schema import DataSource
 
 LOCAL_SUFFIXES = {".jsonl", ".json", ".parquet"}
 ROLES = ("system", "user", "assistant")
+MAX_BYTES_PER_TOKEN = 16 * 6
 REQUIRED_FIELDS = {"sft": ("messages",), "dpo": ("prompt", "chosen", "rejected")}
 
 
@@ -45,9 +46,19 @@ class BadRow:
 # Reading
 
 
-def read_rows(source: DataSource, columns: tuple[str, ...] = ()) -> Iterator[tuple[str, Any]]:
+def row_byte_limit(max_length: int) -> int:
+    """The most bytes a JSON line can hold and still fit `max_length` tokens: a longer line is a bad row before
+    it is parsed or tokenized (a 200 MB line otherwise takes a minute and gigabytes to be found too long). A
+    Mixtral piece spans at most 16 bytes of text, and JSON escapes one byte into at most 6 (`\\u0001`), so
+    MAX_BYTES_PER_TOKEN bytes per token, plus room for the keys and roles, is a bound no fitting row passes."""
+    return max_length * MAX_BYTES_PER_TOKEN + 65536
+
+
+def read_rows(source: DataSource, columns: tuple[str, ...] = (), max_bytes: int | None = None
+              ) -> Iterator[tuple[str, Any]]:
     """Yield (where, row) for every row of a source; a JSON line that cannot be read yields a BadRow.
-    `columns`: the fields every row needs, checked once for columnar sources (parquet, Hub)."""
+    `columns`: the fields every row needs, checked once for columnar sources (parquet, Hub). `max_bytes`: a JSON
+    line longer than this is a BadRow, never read whole."""
     path = Path(source.path)
     if path.suffix in LOCAL_SUFFIXES or path.exists():
         if not path.exists():
@@ -55,7 +66,7 @@ def read_rows(source: DataSource, columns: tuple[str, ...] = ()) -> Iterator[tup
         if not path.is_file():
             raise DataError(f"{source.path}: is a folder; give a .jsonl, .json or .parquet file")
         if path.suffix == ".jsonl":
-            yield from _jsonl_rows(path)
+            yield from _jsonl_rows(path, max_bytes)
         elif path.suffix == ".json":
             raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)
             try:
@@ -86,13 +97,21 @@ def read_rows(source: DataSource, columns: tuple[str, ...] = ()) -> Iterator[tup
         yield f"{source.path}[{source.split}]:row {i}", row
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+def _jsonl_rows(path: Path, max_bytes: int | None = None) -> Iterator[tuple[str, Any]]:
     # Bytes, decoded line by line: one bad byte is that line's problem, not a traceback for the file.
+    limit = max_bytes + 1 if max_bytes is not None else -1
     with path.open("rb") as f:
-        for line_no, raw in enumerate(f, start=1):
+        line_no = 0
+        while raw := f.readline(limit):
+            line_no += 1
             if line_no == 1:
                 raw = raw.removeprefix(codecs.BOM_UTF8)  # Windows editors start files with one
             where = f"{path}:{line_no}"
+            if max_bytes is not None and len(raw) > max_bytes and not raw.endswith(b"\n"):
+                length = len(raw) + _skip_line(f)
+                yield where, BadRow(where, f"too long: a line of {length:,} bytes, more than any sample of "
+                                           f"data.max_length tokens holds ({max_bytes:,} bytes)")
+                continue
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
@@ -104,6 +123,16 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
                 yield where, json.loads(line)
             except json.JSONDecodeError as err:
                 yield where, BadRow(where, f"malformed JSON ({err.msg})")
+
+
+def _skip_line(f) -> int:
+    """Read past the rest of the current line a MiB at a time, keeping none of it; how many bytes it had."""
+    skipped = 0
+    while chunk := f.readline(1 << 20):
+        skipped += len(chunk)
+        if chunk.endswith(b"\n"):
+            break
+    return skipped
 
 
 def _utf8_problem(line: bytes, offset: int) -> str:
@@ -258,7 +287,7 @@ def encode_source(source: DataSource, kind: str, encoder: ChatEncoder, max_lengt
 
     encode = encode_preference_row if kind == "dpo" else encode_chat_row
     samples, bad, read = [], [], 0
-    rows = read_rows(source, REQUIRED_FIELDS[kind])
+    rows = read_rows(source, REQUIRED_FIELDS[kind], row_byte_limit(max_length))
     for where, row in tqdm(rows, desc=f"encoding {source.path}", unit=" rows", disable=not progress, leave=False):
         read += 1
         if isinstance(row, BadRow):

@@ -57,7 +57,14 @@ def load_for_eval(path: str, base: str | None = None) -> LoadedModel:
         from peft import PeftModel
 
         base = base or adapter_base(path)
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), path)
+        try:
+            model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), path)
+        except RuntimeError as err:  # PEFT's "size mismatch for ...": the adapter belongs to a base of another shape
+            if "size mismatch" not in str(err):
+                raise
+            first = next(line.strip() for line in str(err).splitlines() if "size mismatch" in line)
+            raise ModelSourceError(f"the adapter {path} does not fit the base {base} ({first}); give the base it was "
+                                   "trained on (--base, or the one it records)") from None
         tokenizer_home = path if (Path(path) / "tokenizer.model").is_file() else base
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

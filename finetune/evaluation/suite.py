@@ -3,6 +3,7 @@ suite's data read and encoded exactly as training encodes it (every bad row name
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,7 +59,30 @@ def load_suite(path: str | Path, overrides: list[str] = ()) -> Suite:
         raise SuiteError(f"{path}: nothing to evaluate: set chat, preferences, instructions or lm_eval_tasks")
     if suite.batch_size < 1 or suite.max_new_tokens < 1 or (suite.limit is not None and suite.limit < 1):
         raise SuiteError(f"{path}: batch_size, max_new_tokens and limit must be at least 1")
+    check_lm_eval_tasks(suite, path)
     return suite
+
+
+def check_lm_eval_tasks(suite: Suite, path: Path) -> None:
+    """Every `lm_eval_tasks` name is a task lm-eval knows (with `lm_eval_include`'s), before any model loads.
+    Without lm-eval installed the tasks are reported as skipped, so there is nothing to check."""
+    local = set()
+    for task_file in Path(suite.lm_eval_include).glob("*.yaml") if suite.lm_eval_include else ():
+        name = re.search(r"^task: *(\S+)", task_file.read_text(errors="replace"), re.M)
+        local |= {name.group(1)} if name else set()
+    unknown = [task for task in suite.lm_eval_tasks if task not in local]
+    if not unknown:
+        return  # the suite's own tasks: known without indexing lm-eval's thousands (10 s here)
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        return
+    known = set(TaskManager(include_path=suite.lm_eval_include).all_tasks)
+    unknown = [task for task in unknown if task not in known]
+    if unknown:
+        where = f" (with the tasks in {suite.lm_eval_include})" if suite.lm_eval_include else ""
+        raise SuiteError(f"{path}: lm_eval_tasks: {', '.join(unknown)} is no lm-eval task{where}; check the name, "
+                         "or set lm_eval_include to the folder of its YAML")
 
 
 def suite_files(suite: Suite) -> list[str]:

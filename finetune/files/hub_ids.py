@@ -27,3 +27,14 @@ def public_name(value: str | None) -> str | None:
     if value is None:
         return None
     return value if is_hub_id(value) else Path(value).name
+
+
+def same_model(a: str, b: str) -> bool | None:
+    """Whether two names (Hub ids or paths) are the same model: True, False, or None when a path no longer
+    exists here and so cannot be told apart from another."""
+    if a == b:
+        return True
+    known = [is_hub_id(n) or Path(n).exists() for n in (a, b)]
+    if not all(known):
+        return None
+    return not any(map(is_hub_id, (a, b))) and Path(a).resolve() == Path(b).resolve()

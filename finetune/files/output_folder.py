@@ -23,6 +23,9 @@ from typing import Iterator, Mapping
 from finetune.errors import InputError
 
 OWNER_FILE = ".writer-pid"
+RUN_LOCK_FILE = ".run.lock"
+"""In a training run's output_dir: locked (flock) by the process training there, so two runs never share one
+folder. The lock dies with its process, so the file a killed run leaves behind blocks nothing."""
 
 
 class OutputError(InputError):
@@ -31,11 +34,11 @@ class OutputError(InputError):
 
 def overlap(out: str | Path, inputs: Mapping[str, str | Path | None]) -> str | None:
     """How `out` collides with one of the named input paths (is it, holds it, or lies inside it), or None."""
-    target = Path(out).resolve()
+    target = resolved(out)
     for name, path in inputs.items():
         if path is None or not Path(path).exists():
             continue  # a Hub id, or nothing given
-        source = Path(path).resolve()
+        source = resolved(path)
         if target == source:
             return f"it is the {name} ({path})"
         if source.is_relative_to(target):
@@ -43,6 +46,14 @@ def overlap(out: str | Path, inputs: Mapping[str, str | Path | None]) -> str | N
         if target.is_relative_to(source):
             return f"it lies inside the {name} ({path})"
     return None
+
+
+def resolved(path: str | Path) -> Path:
+    """The absolute path with links followed; an OutputError for a symlink loop (which `resolve` raises on)."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError) as err:
+        raise OutputError(f"{path}: cannot be followed ({err}); choose another folder") from None
 
 
 def check_output(out: str | Path, inputs: Mapping[str, str | Path | None], overwrite: bool = False,
@@ -97,13 +108,14 @@ def _clear_stale(partial: Path, out: Path) -> None:
         return
     owner = (partial / OWNER_FILE).read_text().strip() if (partial / OWNER_FILE).is_file() else ""
     pid = int(owner) if owner.isdigit() else None
-    if pid is not None and pid != os.getpid() and _alive(pid):
+    if pid is not None and pid != os.getpid() and is_alive(pid):
         raise OutputError(f"{out}: process {pid} is writing it right now ({partial}); wait for it or stop it")
     print(f"removing {partial}, left unfinished by an earlier run that was stopped")
     shutil.rmtree(partial)
 
 
-def _alive(pid: int) -> bool:
+def is_alive(pid: int) -> bool:
+    """Whether a process with this id exists (on this machine)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

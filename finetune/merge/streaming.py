@@ -67,6 +67,11 @@ class Adapter:
                 stem = name[: -len("lora_A.weight")]
                 a_shape, b_shape = self._file.shape(key), self._file.shape(b_key)
                 layer = re.search(r"layers\.(\d+)\.", name)
+                rank = self.rank * (experts if ".mlp.experts." in name else 1)
+                if a_shape[0] != rank or b_shape[1] != rank:
+                    raise ExportError(f"{self.folder}: adapter_config.json says r={self.rank}, but {key} has "
+                                      f"shape {a_shape} (rank {a_shape[0] // (rank // self.rank)}); the config does "
+                                      "not belong to these tensors, and merging would use the wrong scale")
                 if ".mlp.experts." in name:
                     if a_shape[1] == hidden and b_shape[0] == 2 * intermediate:
                         self.fused[(int(layer.group(1)), "gate_up")] = (key, b_key)

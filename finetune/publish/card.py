@@ -4,7 +4,6 @@ name, never by this machine's paths, and every card goes through `redact` (finet
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import yaml
@@ -17,18 +16,27 @@ from finetune.recipe.secrets import redact
 from finetune.recipe.typed_yaml import parse_yaml
 
 
-def public_recipe(recipe: dict) -> dict:
-    """A resolved recipe (as written to recipe.yaml) with every path replaced by its public name."""
-    recipe = copy.deepcopy(recipe)
-    for key in ("model", "output_dir", "tokenizer", "launch"):
-        if key in recipe:
-            recipe[key] = public_name(recipe[key])
-    if recipe.get("dpo"):
-        recipe["dpo"]["sft_adapter"] = public_name(recipe["dpo"].get("sft_adapter"))
-    for group in ("train", "eval"):
-        for source in recipe.get("data", {}).get(group) or []:
-            source["path"] = public_name(source["path"])
+def public_recipe(recipe):
+    """A resolved recipe (as written to recipe.yaml) with every value that names a path replaced by its public
+    name (finetune/files/hub_ids.py), whichever key holds it (model, data files, cache_dir, resume, run_name,
+    ...): a value with a path separator is a path unless it is a Hub id."""
+    if isinstance(recipe, dict):
+        return {key: public_recipe(value) for key, value in recipe.items()}
+    if isinstance(recipe, list):
+        return [public_recipe(value) for value in recipe]
+    if isinstance(recipe, str) and ("/" in recipe or "\\" in recipe or recipe.startswith("~")):
+        return public_name(recipe)
     return recipe
+
+
+def front_matter(fields: dict) -> list[str]:
+    """The card's YAML header, written by the YAML library so no value (a folder name with a newline, a colon)
+    can add or change a key."""
+    return ["---", *yaml.safe_dump(fields, sort_keys=False, default_flow_style=None).strip().splitlines(), "---"]
+
+
+def title(name: str) -> str:
+    return "# " + " ".join(str(name).split())  # one line, whatever the folder is called
 
 
 def final_metrics(log_history: list[dict]) -> dict:
@@ -74,13 +82,10 @@ def adapter_card(recipe: Recipe, log_history: list[dict]) -> str:
             else f"`{base}` fully fine-tuned ({recipe.kind.upper()}) on {', '.join(recipe.trainable)}")
     start = public_name(recipe.dpo.sft_adapter) if recipe.kind == "dpo" else None
     lines = [
-        "---",
-        f"base_model: {base}",
-        f"library_name: {'peft' if lora else 'transformers'}",
-        f"tags: [mixtral, moe, {'lora' if lora else 'full-fine-tune'}, {recipe.kind}, mixtral-finetune]",
-        "---",
+        *front_matter({"base_model": base, "library_name": "peft" if lora else "transformers",
+                       "tags": ["mixtral", "moe", "lora" if lora else "full-fine-tune", recipe.kind, "mixtral-finetune"]}),
         "",
-        f"# {Path(recipe.output_dir).name}",
+        title(Path(recipe.output_dir).name),
         "",
         what + ", trained with mixtral-finetune" + (f", continuing from the SFT adapter `{start}`" if start else "") + ".",
         "",
@@ -119,8 +124,8 @@ def adapter_card(recipe: Recipe, log_history: list[dict]) -> str:
 def merged_card(name: str, base: str, adapters: list[str]) -> str:
     """The card of a merged export: the base, the adapters merged in order, and their recipes."""
     base = public_name(base)
-    lines = ["---", f"base_model: {base}", "library_name: transformers", "tags: [mixtral, moe, merged-lora]", "---", "",
-             f"# {name}", "", f"`{base}` with these LoRA adapters merged in, in order:", ""]
+    lines = [*front_matter({"base_model": base, "library_name": "transformers", "tags": ["mixtral", "moe", "merged-lora"]}),
+             "", title(name), "", f"`{base}` with these LoRA adapters merged in, in order:", ""]
     files = {adapter: Path(adapter) / RECIPE_FILE for adapter in adapters}
     recipes = {adapter: parse_yaml(f.read_text()) or {} for adapter, f in files.items() if f.is_file()}
     for adapter in adapters:

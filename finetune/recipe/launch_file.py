@@ -6,13 +6,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from finetune.recipe.typed_yaml import parse_yaml
+from finetune.recipe.schema import RecipeError
+from finetune.recipe.typed_yaml import read_yaml_file
 
 
 def read_launch_file(launch: str | Path) -> dict:
-    """An accelerate config as a mapping ({} for an empty file or one that is not a mapping)."""
-    config = parse_yaml(Path(launch).read_text())
-    return config if isinstance(config, dict) else {}
+    """An accelerate config as a mapping; a RecipeError naming the file when it is not one."""
+    config = read_yaml_file(Path(launch), "launch", RecipeError)
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise RecipeError(f"{launch}: an accelerate config must be a mapping of keys, got {type(config).__name__}")
+    return config
 
 
 def uses_deepspeed(launch: str | Path) -> bool:
@@ -23,7 +28,10 @@ def uses_deepspeed(launch: str | Path) -> bool:
 
 def launch_processes(launch: str | Path) -> int:
     """The processes an accelerate config starts (its `num_processes`, 1 when unset)."""
-    return read_launch_file(launch).get("num_processes", 1)
+    processes = read_launch_file(launch).get("num_processes", 1)
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise RecipeError(f"{launch}: num_processes must be a whole number >= 1, got {processes!r}")
+    return processes
 
 
 def deepspeed_settings(launch: str | Path) -> dict:

@@ -16,7 +16,7 @@ from typing import Any
 from finetune.recipe.library_keys import check_library_keys
 from finetune.recipe.schema import OWNED_LORA_KEYS, LoraSection, Recipe, RecipeError
 from finetune.recipe.secrets import SECRET_FIX, redact, secret_values
-from finetune.recipe.typed_yaml import build_dataclass, read_yaml_mapping
+from finetune.recipe.typed_yaml import build_dataclass, leaves, read_yaml_mapping
 from finetune.recipe.validation import validate
 
 
@@ -40,15 +40,10 @@ def load_recipe(path: str | Path, overrides: list[str] = (), expect_kind: str | 
 
 def refuse_secret_values(node: Any, path: Path, key: str, secrets: list[str]) -> None:
     """A value that is (or holds) a token would be copied into every output: refuse it, naming the key."""
-    if isinstance(node, dict):
-        for k, v in node.items():
-            refuse_secret_values(v, path, f"{key}.{k}" if key else str(k), secrets)
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            refuse_secret_values(v, path, f"{key}[{i}]", secrets)
-    elif isinstance(node, str) and redact(node, secrets) != node:
-        raise RecipeError(f"{path}: {key} holds what looks like a secret (a Hub token, or the value of HF_TOKEN / "
-                          f"WANDB_API_KEY); {SECRET_FIX}")
+    for name, value in leaves(node, key):
+        if isinstance(value, str) and redact(value, secrets) != value:
+            raise RecipeError(f"{path}: {name} holds what looks like a secret (a Hub token, or the value of HF_TOKEN / "
+                              f"WANDB_API_KEY); {SECRET_FIX}")
 
 
 def lora_fields(extra: dict, source: str, prefix: str) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from finetune.recipe.schema import RUN_CONTROL_KEYS, Recipe
+from finetune.recipe.schema import CONTINUABLE_KEYS, RUN_CONTROL_KEYS, Recipe
 from finetune.recipe.secrets import redact
 from finetune.recipe.typed_yaml import parse_yaml
 
@@ -27,14 +27,16 @@ def to_dict(recipe: Recipe) -> dict:
 
 
 def dump_yaml(recipe: Recipe, path: str | Path) -> None:
-    header = f"# Resolved {recipe.kind.upper()} recipe (from {recipe.source}, overrides applied).\n"
+    source = " ".join(recipe.source.split())  # a file name with a newline must not end the comment
+    header = f"# Resolved {recipe.kind.upper()} recipe (from {source}, overrides applied).\n"
     Path(path).write_text(redact(header + yaml.safe_dump(to_dict(recipe), sort_keys=False)))
 
 
 def changed_keys(saved_recipe: Path, recipe: Recipe) -> list[str]:
-    """Dotted keys whose value differs between a saved recipe.yaml and `recipe` (run-control keys aside)."""
+    """Dotted keys whose value differs between a saved recipe.yaml and `recipe` (run-control keys aside, and
+    the lengths a finished run may be trained further by)."""
     before, now = _comparable(parse_yaml(saved_recipe.read_text())), _comparable(to_dict(recipe))
-    return sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    return sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and k not in CONTINUABLE_KEYS)
 
 
 def _comparable(recipe_dict: dict) -> dict:

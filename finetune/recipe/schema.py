@@ -103,6 +103,9 @@ class HubSection:
     """Create the repository as private."""
     revision: str | None = None
     """Branch to push to (created if missing); None: main."""
+    base_id: str | None = None
+    """The base model's Hub id, written into the pushed adapter_config.json when `model` is a local folder (the
+    pushed adapter must name a base that loads anywhere; the local copy keeps the folder, for resume and export)."""
 
 
 @dataclass
@@ -181,6 +184,8 @@ OWNED_TRAIN_KEYS = {
 }
 # Keys that may differ between an interrupted run and the run that continues it.
 RUN_CONTROL_KEYS = ("resume", "stop_after_steps", "launch")
+# Keys that may grow between a finished run and the run that trains it further (from its last checkpoint).
+CONTINUABLE_KEYS = ("train.max_steps", "train.num_train_epochs")
 OWNED_LORA_KEYS = {
     "method": "method (a top-level key: lora or full)",
     "targets": "trainable (a top-level key)",

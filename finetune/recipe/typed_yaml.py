@@ -1,14 +1,17 @@
 """YAML files and `a.b=value` overrides onto typed dataclasses, every key and type checked.
 
-Recipes (finetune/recipe/loading.py) and evaluation suites (finetune/evaluation/suite.py) are read this way. Scalars
-follow YAML 1.2: only true/false are booleans (YAML 1.1 reads `eval_strategy: no` as False), and `1e-3`
-is a float (YAML 1.1 wants `1.0e-3`).
+Recipes (finetune/recipe/loading.py), evaluation suites (finetune/evaluation/suite.py) and launch files are
+read this way. Scalars follow YAML 1.2: only true/false are booleans (YAML 1.1 reads `eval_strategy: no` as
+False), and `1e-3` is a float (YAML 1.1 wants `1.0e-3`). Aliases (`*name`) are refused: a config needs
+none, and nested ones expand exponentially (a "billion laughs") or refer to themselves. Every float must be
+finite: `.nan` or `.inf` would train a model of NaNs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import re
 import types
 import typing
@@ -22,7 +25,14 @@ from finetune.errors import InputError
 
 class Yaml12Loader(yaml.SafeLoader):
     """YAML 1.2 scalars: only true/false are booleans (YAML 1.1 reads `eval_strategy: no` as False), and
-    `1e-3` is a float (YAML 1.1 wants `1.0e-3`)."""
+    `1e-3` is a float (YAML 1.1 wants `1.0e-3`). No aliases."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"an alias (*{event.anchor}) is not allowed here: write the "
+                                              "value out (aliases can expand without bound)", event.start_mark)
+        return super().compose_node(parent, index)
 
 
 Yaml12Loader.yaml_implicit_resolvers = {
@@ -41,19 +51,53 @@ def parse_yaml(text: str):
     return yaml.load(text, Loader=Yaml12Loader)
 
 
-def read_yaml_mapping(path: Path, overrides: list[str], what: str, error: type[InputError] = InputError) -> dict:
-    """A YAML file's top-level mapping with `a.b=value` overrides applied; `error` naming the file."""
+def read_yaml_file(path: Path, what: str, error: type[InputError] = InputError):
+    """A YAML file's content; `error` naming the file when it is missing, not UTF-8 or not valid YAML."""
     if not path.is_file():
         raise error(f"{what} file not found: {path}")
     try:
-        raw = parse_yaml(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise error(f"{path}:{line}: not valid UTF-8 (byte 0x{err.object[err.start]:02x}); save the {what} file "
+                    "as UTF-8") from None
+    try:
+        return parse_yaml(text)
     except yaml.YAMLError as err:
-        raise error(f"{path}: not valid YAML: {err}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = " ".join(filter(None, (getattr(err, "context", None), getattr(err, "problem", None)))) or str(err)
+        raise error(f"{where}: not valid YAML: {problem}") from None
+
+
+def read_yaml_mapping(path: Path, overrides: list[str], what: str, error: type[InputError] = InputError) -> dict:
+    """A YAML file's top-level mapping with `a.b=value` overrides applied; `error` naming the file."""
+    raw = read_yaml_file(path, what, error) or {}
     if not isinstance(raw, dict):
         raise error(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
     for item in overrides:
         apply_override(raw, item, path, error)
+    refuse_non_finite(raw, str(path), "", error)
     return raw
+
+
+def leaves(node, key: str = ""):
+    """(dotted key, value) for every scalar of parsed YAML, e.g. ("data.train[0].weight", 0.5)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from leaves(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from leaves(v, f"{key}[{i}]")
+    else:
+        yield key, node
+
+
+def refuse_non_finite(node, source: str, key: str, error: type[InputError] = InputError) -> None:
+    """Every float in a parsed mapping is finite, or `error` names the key."""
+    for name, value in leaves(node, key):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise error(f"{source}: {name} must be a finite number, got {value}")
 
 
 def apply_override(raw: dict, item: str, path: Path, error: type[InputError] = InputError) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.files.hub_ids import looks_like_hub_id
+from finetune.files.hub_ids import is_hub_id, looks_like_hub_id
 from finetune.recipe.launch_file import launch_processes, uses_deepspeed
 from finetune.recipe.library_keys import check_library_keys, trainer_config_class
 from finetune.recipe.schema import OWNED_TRAIN_KEYS, Recipe, RecipeError
@@ -21,10 +21,11 @@ def validate(recipe: Recipe) -> None:
     for key in ("aux_loss_coef", "z_loss_coef"):
         if getattr(recipe.moe, key) < 0:
             raise RecipeError(f"{src}: moe.{key} must be >= 0, got {getattr(recipe.moe, key)}")
-    if recipe.hub.repo_id is not None and not looks_like_hub_id(recipe.hub.repo_id):
-        raise RecipeError(f"{src}: hub.repo_id must look like ORG/NAME, got {recipe.hub.repo_id!r}")
-    if recipe.launch is not None and not Path(recipe.launch).is_file():
-        raise RecipeError(f"{src}: launch={recipe.launch!r}: no such accelerate config")
+    validate_hub(recipe)
+    if recipe.launch is not None:
+        if not Path(recipe.launch).is_file():
+            raise RecipeError(f"{src}: launch={recipe.launch!r}: no such accelerate config")
+        launch_processes(recipe.launch)  # read now: a broken launch file is named here, not by accelerate later
     if recipe.stop_after_steps is not None and recipe.stop_after_steps < 1:
         raise RecipeError(f"{src}: stop_after_steps must be >= 1, got {recipe.stop_after_steps}")
     if recipe.kind == "sft" and recipe.dpo.sft_adapter is not None:
@@ -33,6 +34,17 @@ def validate(recipe: Recipe) -> None:
         validate_quantization(recipe)
     if recipe.sequence_parallel != 1:
         validate_sequence_parallel(recipe)
+
+
+def validate_hub(recipe: Recipe) -> None:
+    src, hub = recipe.source, recipe.hub
+    for key in ("repo_id", "base_id"):
+        value = getattr(hub, key)
+        if value is not None and not looks_like_hub_id(value):
+            raise RecipeError(f"{src}: hub.{key} must look like ORG/NAME, got {value!r}")
+    if hub.repo_id is not None and hub.base_id is None and not is_hub_id(recipe.model) and recipe.method == "lora":
+        raise RecipeError(f"{src}: hub.repo_id pushes an adapter of model={recipe.model}, a folder of this machine; set "
+                          "hub.base_id to the base's Hub id (ORG/NAME), which the pushed adapter will name")
 
 
 def validate_data(recipe: Recipe) -> None:
@@ -66,6 +78,9 @@ def validate_trainable(recipe: Recipe) -> None:
         if recipe.kind == "dpo":
             raise RecipeError(f"{src}: method: full is not supported for DPO (the reference would be a copy)")
         return
+    if groups == ["router"]:
+        raise RecipeError(f"{src}: trainable: [router] gives LoRA nothing to adapt (the router trains in full, "
+                          "not through LoRA); add attention or experts, or train the router alone with method: full")
     for key in ("r", "lora_alpha"):
         if key in peft and peft[key] <= 0:
             raise RecipeError(f"{src}: lora.{key} must be > 0, got {peft[key]}")

@@ -31,13 +31,9 @@ WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safeten
 
 
 def resume_checkpoint(recipe: Recipe, is_main: bool = True) -> str | None:
-    """The checkpoint to continue from, per `recipe.resume`: the newest complete one for `auto`; for
-    `restart`, the main process deletes the earlier run's checkpoints first."""
+    """The checkpoint to continue from, per `recipe.resume`: the newest complete one for `auto`; none for
+    `restart` (`delete_earlier_run` clears the folder once the run holds it) and `never`."""
     out = Path(recipe.output_dir)
-    if recipe.resume == "restart" and out.is_dir() and is_main:
-        for old in sorted(checkpoints(out)):
-            shutil.rmtree(old)
-            print(f"resume=restart: deleted {old}")
     if recipe.resume in ("never", "restart") or not out.is_dir():
         return None
     needs_optimizer = not recipe.train.get("save_only_model", False)
@@ -66,6 +62,15 @@ def resume_checkpoint(recipe: Recipe, is_main: bool = True) -> str | None:
             raise RecipeError(f"{recipe.source}: {checkpoint} was saved by a different run (changed: "
                               f"{', '.join(changed)}). Use a new output_dir.")
     return str(checkpoint)
+
+
+def delete_earlier_run(recipe: Recipe) -> None:
+    """`resume: restart`: delete the earlier run's checkpoints, saying which (main process, holding the folder)."""
+    out = Path(recipe.output_dir)
+    if recipe.resume == "restart" and out.is_dir():
+        for old in sorted(checkpoints(out)):
+            shutil.rmtree(old)
+            print(f"resume=restart: deleted {old}")
 
 
 def checkpoints(folder: Path) -> list[Path]:
@@ -153,9 +158,12 @@ class StopWithCheckpoint(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def release(self) -> None:
+        """Give SIGTERM back, once the pass has saved everything: a SIGTERM during the final save only marks
+        the run (the save completes), instead of killing it with a half-written adapter."""
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
     def _on_sigterm(self, signum, frame):
         self.signalled = True
@@ -173,3 +181,8 @@ class StopWithCheckpoint(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+def stopper(trainer) -> StopWithCheckpoint:
+    """The trainer's StopWithCheckpoint callback (every pass has one: finetune/train/steps.py)."""
+    return next(c for c in trainer.callback_handler.callbacks if isinstance(c, StopWithCheckpoint))

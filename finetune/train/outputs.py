@@ -13,6 +13,8 @@ from finetune.publish.card import adapter_card
 from finetune.publish.hub import PushError, push
 from finetune.recipe.resolved import RECIPE_FILE, dump_yaml
 from finetune.recipe.schema import Recipe
+from finetune.train.checkpoints import stopper
+from finetune.train.run_folder import mark_complete, release_run_folder
 
 
 def save_outputs(trainer, recipe: Recipe, encoder: ChatEncoder) -> None:
@@ -26,6 +28,11 @@ def save_outputs(trainer, recipe: Recipe, encoder: ChatEncoder) -> None:
         (out / "README.md").write_text(adapter_card(recipe, trainer.state.log_history))
         write_router_load(trainer.router_terms.eval_loads, out, "SFT policy" if recipe.kind == "dpo" else "base")
     trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        mark_complete(recipe, trainer.state)  # last: a save cut short never looks finished
+        release_run_folder(recipe)
+    stop = stopper(trainer)
+    stop.release()
     if not trainer.is_world_process_zero():
         return
     if "wandb" in (trainer.args.report_to or []):
@@ -34,6 +41,8 @@ def save_outputs(trainer, recipe: Recipe, encoder: ChatEncoder) -> None:
         wandb.finish()  # flush the run now (transformers leaves it open until the interpreter exits)
     what = "adapter" if recipe.method == "lora" else "fully fine-tuned model"
     print(f"{recipe.kind.upper()} {what} written to {recipe.output_dir}")
+    if stop.signalled and not stop.interrupted:
+        print("SIGTERM arrived during the final save, which completed first: the run is complete", file=sys.stderr)
 
 
 def write_router_load(eval_loads: list, out: Path, start_name: str) -> Path | None:
@@ -53,10 +62,12 @@ def push_outputs(recipe: Recipe, is_main: bool) -> int:
     if recipe.hub.repo_id is None or not is_main:
         return 0
     try:
-        url = push(recipe.output_dir, recipe.hub.repo_id, recipe.hub.private, recipe.hub.revision)
+        url = push(recipe.output_dir, recipe.hub.repo_id, recipe.hub.private, recipe.hub.revision,
+                   base_id=recipe.hub.base_id)
     except PushError as err:
+        base = f" --base-id {recipe.hub.base_id}" if recipe.hub.base_id else ""
         print(f"error: {err}; push it later with: python -m finetune.push {recipe.output_dir} "
-              f"--repo-id {recipe.hub.repo_id}", file=sys.stderr)
+              f"--repo-id {recipe.hub.repo_id}{base}", file=sys.stderr)
         return EXIT_PUSH_FAILED
     print(f"pushed {recipe.output_dir} to {url}")
     return 0

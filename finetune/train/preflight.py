@@ -7,8 +7,10 @@ from __future__ import annotations
 import torch
 
 from finetune.files.adapter_folder import ADAPTER_CONFIG, AdapterError, is_adapter_folder, read_adapter_config
+from finetune.files.hub_ids import same_model
 from finetune.model.config import ModelSourceError, model_config
 from finetune.model.lora_targets import adapter_groups
+from finetune.model.shapes import shape_problems
 from finetune.moe.nf4 import bitsandbytes
 from finetune.recipe.schema import Recipe, RecipeError
 from finetune.train.arguments import trainer_args
@@ -25,6 +27,9 @@ def preflight(recipe: Recipe):
         config = model_config(recipe.model)
     except ModelSourceError as err:
         raise RecipeError(f"{recipe.source}: {err}") from None
+    problems = shape_problems(config, 2 if args.bf16 else 4, recipe.quantization != "none")
+    if problems:
+        raise RecipeError(f"{recipe.source}: model {recipe.model}: {problems[0]}")
     check_sft_adapter(recipe)
     if recipe.sequence_parallel > 1:
         check_sequence_parallel_runs_here(recipe, config.num_attention_heads)
@@ -50,6 +55,10 @@ def check_sft_adapter(recipe: Recipe) -> None:
     except AdapterError as err:
         raise RecipeError(f"{recipe.source}: dpo.sft_adapter: {err}") from None
     groups, src = adapter_groups(adapter), recipe.source
+    recorded = adapter.get("base_model_name_or_path")
+    if recorded and same_model(recorded, recipe.model) is False:
+        raise RecipeError(f"{src}: dpo.sft_adapter={sft} was trained on {recorded}, not on model={recipe.model}; "
+                          "DPO must start from the SFT adapter's own base (set model to it)")
     if sorted(groups) != sorted(recipe.trainable):
         raise RecipeError(f"{src}: trainable {recipe.trainable} differs from the SFT adapter's {groups} ({sft})")
     for key in ("r", "lora_alpha"):

@@ -7,23 +7,29 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 
 from finetune.data.cache import Prepared, prepare
 from finetune.data.chat_format import ChatEncoder
 from finetune.data.packing import packed_rows
 from finetune.errors import EXIT_INTERRUPTED
 from finetune.model.trainable_report import router_loss_warning, trainable_table
+from finetune.recipe.loading import load_recipe
 from finetune.recipe.schema import Recipe, RecipeError
-from finetune.train.checkpoints import SaveRecipeWithCheckpoint, StopWithCheckpoint
+from finetune.train.checkpoints import SaveRecipeWithCheckpoint, StopWithCheckpoint, delete_earlier_run, stopper
 from finetune.train.outputs import write_recipe
+from finetune.train.run_folder import COMPLETE_FILE, claim_run_folder
 
 
-def parse_command_line(prog: str, description: str, argv: list[str] | None) -> argparse.Namespace:
-    """`RECIPE [key.sub=value ...]`, the command line of both passes (and `finetune check`)."""
+def recipe_from_command_line(prog: str, kind: str | None, description: str,
+                             argv: list[str] | None) -> tuple[Recipe, argparse.Namespace]:
+    """`RECIPE [key.sub=value ...]`, the command line of both passes and `finetune check`: the recipe loaded and
+    checked (as a `kind` recipe, when given), and the command line (a relaunch passes it on)."""
     parser = argparse.ArgumentParser(prog=prog, description=description.split("\n")[0])
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=5")
-    return parser.parse_args(argv)
+    command = parser.parse_args(argv)
+    return load_recipe(command.recipe, command.overrides, expect_kind=kind), command
 
 
 def load_data(recipe: Recipe, args, encoder: ChatEncoder) -> Prepared:
@@ -90,15 +96,20 @@ def describe_batch(args, lengths: list[int], world_size: int) -> str:
 
 
 def train(trainer, recipe: Recipe, resume_from: str | None) -> int | None:
-    """Train (continuing the run in `resume_from`, if any), with the resolved recipe written first. Returns
-    EXIT_INTERRUPTED when SIGTERM stopped it (a checkpoint was saved; the same command continues), else None."""
+    """Train (continuing the run in `resume_from`, if any) once this run holds output_dir (one run per folder;
+    taken only now, so a refused recipe or bad data leaves no folder behind), with the resolved recipe written
+    first. Returns EXIT_INTERRUPTED when SIGTERM stopped it (a checkpoint was saved; the same command
+    continues), else None."""
     is_main = trainer.is_world_process_zero()
+    claim_run_folder(recipe)
+    if is_main:
+        delete_earlier_run(recipe)  # resume: restart
+        (Path(recipe.output_dir) / COMPLETE_FILE).unlink(missing_ok=True)  # not complete until saved again
     write_recipe(recipe, is_main)
     if resume_from and is_main:
         print(f"resuming from {resume_from}")
     trainer.train(resume_from_checkpoint=resume_from)
-    stopper = next(c for c in trainer.callback_handler.callbacks if isinstance(c, StopWithCheckpoint))
-    if not stopper.interrupted:
+    if not stopper(trainer).interrupted:
         return None
     if is_main:
         print(f"stopped by SIGTERM at step {trainer.state.global_step} with a checkpoint in {recipe.output_dir}; "

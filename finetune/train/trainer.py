@@ -17,6 +17,7 @@ from collections import defaultdict
 
 import torch
 
+from finetune.data.cache import maps_outside_cache
 from finetune.model.lm_head import use_compact_lm_head
 from finetune.moe.router import RouterTap, policy_logits
 from finetune.moe.router_losses import router_losses
@@ -33,7 +34,8 @@ class MoETrainerMixin:
     """Also log the loss without the router terms under this name (DPO: `dpo_loss`)."""
 
     def __init__(self, *args, moe, **kwargs):
-        super().__init__(*args, **kwargs)
+        with maps_outside_cache():  # TRL packs (SFT) or maps the data here: its files stay out of our cache
+            super().__init__(*args, **kwargs)
         use_compact_lm_head(self.model)
         self.router_terms = RouterTerms(self.model, moe)
         self.throughput = Throughput()

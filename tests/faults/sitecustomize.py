@@ -3,6 +3,8 @@
 - FAULT_KILL_DURING_SAVE=SUBSTRING: the first torch.save / safetensors save_file to a path containing
   SUBSTRING writes half its bytes, then the process SIGKILLs itself (a kill in the middle of a save).
 - FAULT_KILL_AFTER_SAVES=N: SIGKILL right after the N-th safetensors save_file completes.
+- FAULT_SIGTERM_DURING_SAVE=SUBSTRING: the process sends itself SIGTERM as a safetensors save_file to a path
+  containing SUBSTRING starts (what a scheduler's stop signal does when it lands during a save).
 
 Python imports `sitecustomize` at start-up, before any of the program's modules, so the programs under
 test bind the wrapped functions. Without either variable this does nothing.
@@ -13,13 +15,14 @@ import signal
 
 DURING = os.environ.get("FAULT_KILL_DURING_SAVE")
 AFTER = int(os.environ.get("FAULT_KILL_AFTER_SAVES", "0"))
+SIGTERM_DURING = os.environ.get("FAULT_SIGTERM_DURING_SAVE")
 
 
 def _die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-if DURING or AFTER:
+if DURING or AFTER or SIGTERM_DURING:
     import io
 
     import safetensors.torch
@@ -38,6 +41,8 @@ if DURING or AFTER:
         return real_torch_save(obj, f, *args, **kwargs)
 
     def save_file(tensors, filename, *args, **kwargs):
+        if SIGTERM_DURING and SIGTERM_DURING in str(filename):
+            os.kill(os.getpid(), signal.SIGTERM)
         if DURING and DURING in str(filename):
             real_save_file(tensors, filename, *args, **kwargs)
             with open(filename, "r+b") as out:
