@@ -114,12 +114,23 @@ def test_plan_refuses_sequence_parallel_over_fewer_processes(tiny_model_dir, mon
     (["plan", SFT, "--gpu-memory", "nan"], "--gpu-memory nan: give a finite number"),
     (["evaluate", "MODEL", "--suite", "eval/bundled.yaml", "--out", "OUT", "lm_eval_tasks=[capitals_mcq]"],
      "lm_eval_tasks: capitals_mcq is no lm-eval task"),
+    (["evaluate", "MODEL", "--suite", "eval/bundled.yaml", "--out", "OUT", "beta=.nan"],
+     "eval/bundled.yaml: beta must be a finite number, got nan"),
 ])
 def test_options_refused_before_loading(tiny_model_dir, tmp_path, monkeypatch, capsys, argv, names):
     monkeypatch.chdir(ROOT)
     argv = [str(tiny_model_dir) if a == "MODEL" else str(tmp_path / "out") if a == "OUT" else a for a in argv]
     refused_here(capsys, argv, names)
     assert not (tmp_path / "out").exists()
+
+
+def test_export_of_an_adapter_whose_config_is_cut_short(tiny_model_dir, tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"base_model_name_or_path": "')
+    refused_here(capsys, ["export", str(adapter), "--out", str(tmp_path / "merged")],
+                 "adapter_config.json: not readable JSON")
+    assert not (tmp_path / "merged").exists()
 
 
 def test_export_out_in_a_symlink_loop(tiny_model_dir, tmp_path, capsys):

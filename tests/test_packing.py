@@ -139,3 +139,18 @@ def test_sft_with_packing_learns_like_without(pretrained_tiny_dir, tmp_path):
     padded = eval_losses(tmp_path / "padded", 16)
     assert packed[-1] < packed[0] - 0.5, packed  # held-out loss goes down
     assert abs(packed[-1] - padded[-1]) <= 0.05 * padded[-1], (packed, padded)
+
+
+def test_packing_writes_nothing_into_the_data_cache(tiny_model_dir, tmp_path):
+    """TRL packs the memory-mapped rows while building its trainer; its files stay out of our cache folder
+    (which may be read-only, and whose files are checksummed)."""
+    import json
+
+    from helpers import make_trainer
+
+    _, trainer, _ = make_trainer(tiny_model_dir, tmp_path / "out", "data.packing=true",
+                                 f"data.cache_dir={tmp_path / 'cache'}")
+    (folder,) = (tmp_path / "cache").iterdir()
+    summary = json.loads((folder / "summary.json").read_text())
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*summary["checksums"], "summary.json"])
+    assert len(trainer.train_dataset) < summary["rows_read"]  # packed: fewer rows than samples
