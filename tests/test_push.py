@@ -54,10 +54,12 @@ def test_push_commits_the_folder_without_this_machines_paths(adapter_dir, repo_r
     committed = {path: hashlib.sha256(data).hexdigest() for path, data in pushed.items()}
     assert repo["private"] is True
     local = folder_files(adapter_dir)  # training checkpoints left out
-    # Every file byte for byte, but the pickled training arguments (never pushed) and the public copies.
-    assert set(committed) == set(local) - {"training_args.bin"} and PUBLIC_COPIES <= set(committed)
+    # Every file byte for byte, but the pickled training arguments and the run lock (never pushed) and the
+    # public copies.
+    never = {"training_args.bin", ".run.lock"}
+    assert ".run.lock" in local and set(committed) == set(local) - never and PUBLIC_COPIES <= set(committed)
     assert {p: h for p, h in committed.items() if p not in PUBLIC_COPIES} == \
-        {p: h for p, h in local.items() if p not in PUBLIC_COPIES | {"training_args.bin"}}
+        {p: h for p, h in local.items() if p not in PUBLIC_COPIES | never}
     # No file names a path of this machine: not the run's folder, the base's, the data's, nor the temp root.
     for path, data in pushed.items():
         for local_path in (adapter_dir.parent, repo_root, Path(tempfile.gettempdir())):
@@ -109,7 +111,7 @@ def test_recipe_pushes_at_the_end_of_training(tiny_model_dir, tmp_path, repo_roo
                     "hub.repo_id=org/pushed", "hub.base_id=org/tiny-base"], hub, repo_root)
         assert proc.returncode == 0, proc.stderr[-2000:]
         files = set(hub.state.repos["org/pushed"]["branches"]["main"])
-    assert files == set(folder_files(out)) - {"training_args.bin"}
+    assert files == set(folder_files(out)) - {"training_args.bin", ".run.lock"}
     assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "recipe.yaml"} <= files
     with HubServer(fail_with=503) as hub:
         proc = run(["finetune.sft", "recipes/tiny/sft.yaml", *tiny_overrides(tiny_model_dir, tmp_path / "b", max_steps=1),

@@ -17,6 +17,7 @@ import yaml
 from finetune.errors import CheckFailed, InputError
 from finetune.files.adapter_folder import ADAPTER_CONFIG, read_adapter_config
 from finetune.files.hub_ids import looks_like_hub_id, public_name
+from finetune.files.output_folder import RUN_LOCK_FILE
 from finetune.publish.card import public_recipe
 from finetune.recipe.resolved import RECIPE_FILE
 from finetune.recipe.typed_yaml import parse_yaml
@@ -28,16 +29,18 @@ class PushError(CheckFailed):
     """The upload did not complete; the local folder is untouched."""
 
 
-# Never pushed: training_args.bin, TrainingArguments pickled by transformers, holds this machine's output_dir
-# and nothing a user of the model needs.
+NEVER_PUSHED = ("training_args.bin", RUN_LOCK_FILE)
+"""training_args.bin: TrainingArguments pickled by transformers, holding this machine's output_dir and nothing a
+user of the model needs; the run lock (finetune/files/output_folder.py), which only means something here."""
 
 
 def files_to_push(folder: Path, include_checkpoints: bool) -> list[str]:
-    """The folder's files as pushed, by relative path: training checkpoints only when asked, training_args.bin never."""
+    """The folder's files as pushed, by relative path: training checkpoints only when asked; never
+    training_args.bin, nor the lock of the run that trained there."""
     files = []
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder).as_posix()
-        if path.is_file() and path.name != "training_args.bin" and (
+        if path.is_file() and path.name not in NEVER_PUSHED and (
                 include_checkpoints or not relative.startswith("checkpoint-")):
             files.append(relative)
     return files
