@@ -100,21 +100,16 @@ def test_saved_tokenizer_prompt_with_generation_prompt_matches(hf_tokenizer, ref
         assert ids["input_ids"] == ref_ids(reference[1], messages)
 
 
-def test_saved_tokenizer_residual_difference_is_special_token_spellings_only(hf_tokenizer, reference):
+def test_saved_tokenizer_residual_difference_is_special_token_spellings_only(hf_tokenizer, reference, monkeypatch):
     """README documents it: text spelling <s>, </s> or <unk> becomes a control id in transformers."""
-    import conversations
+    import helpers
 
     rng = random.Random(9)
-    plain_lookalikes = [x for x in conversations.LOOKALIKES if x not in SPECIAL_SPELLINGS]
-    original = conversations.LOOKALIKES
-    conversations.LOOKALIKES = plain_lookalikes
-    try:
-        for _ in range(N):
-            messages = random_conversation(rng, lookalikes=True)
-            out = hf_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)
-            assert out["input_ids"] == ref_ids(reference[0], messages), messages
-    finally:
-        conversations.LOOKALIKES = original
+    monkeypatch.setattr(helpers, "LOOKALIKES", [x for x in helpers.LOOKALIKES if x not in SPECIAL_SPELLINGS])
+    for _ in range(N):
+        messages = random_conversation(rng, lookalikes=True)
+        out = hf_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)
+        assert out["input_ids"] == ref_ids(reference[0], messages), messages
     messages = [{"role": "user", "content": "say </s> please"}, {"role": "assistant", "content": "ok"}]
     hf_ids = hf_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
     assert hf_ids.count(2) == 2 and ref_ids(reference[0], messages).count(2) == 1
