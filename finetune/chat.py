@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     on = f" (adapter on {loaded.base})" if loaded.base else ""
     print(f"chatting with {args.model}{on}: Mixtral-Instruct format, {session.context}-token context. "
           "/reset starts a new conversation, /exit leaves.", file=notices)
-    sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 is skipped, not a traceback
+    if hasattr(sys.stdin, "reconfigure"):  # a real stream: a line that is not UTF-8 is skipped, not a traceback
+        sys.stdin.reconfigure(errors="surrogateescape")
     interactive(session, sys.stdin, sys.stdout, notices)
     return 0
 

@@ -48,10 +48,8 @@ def check_run_folder(recipe: Recipe) -> None:
     if not entries:
         return
     earlier = sorted(p.name for p in checkpoints(out))
-    if recipe.resume == "never" and (earlier or (out / COMPLETE_FILE).is_file()):
-        raise RecipeError(f"{src}: resume=never, but output_dir={out} holds an earlier run "
-                          f"({', '.join(earlier) or 'finished'}) that a later resume=auto would "
-                          "pick up; use resume=restart to delete it and start over, or a new output_dir")
+    if recipe.resume == "never" and earlier:
+        refuse_never(recipe, ", ".join(earlier))
     if not (out / RECIPE_FILE).is_file():
         shown = ", ".join(entries[:4]) + (f", ... ({len(entries)} entries)" if len(entries) > 4 else "")
         raise RecipeError(f"{src}: output_dir={out} is not empty ({shown}) and holds no run of this toolkit "
@@ -61,6 +59,14 @@ def check_run_folder(recipe: Recipe) -> None:
     if changed and recipe.resume != "restart":
         raise RecipeError(f"{src}: output_dir={out} holds a different run (changed: {', '.join(changed)}). "
                           f"Use a new output_dir, or remove {out} to start over there.")
+    if recipe.resume == "never" and (out / COMPLETE_FILE).is_file():
+        refuse_never(recipe, "finished")
+
+
+def refuse_never(recipe: Recipe, what: str) -> None:
+    raise RecipeError(f"{recipe.source}: resume=never, but output_dir={recipe.output_dir} holds an earlier run "
+                      f"({what}) that a later resume=auto would pick up; use resume=restart to delete it and start "
+                      "over, or a new output_dir")
 
 
 def claim_run_folder(recipe: Recipe) -> None:
