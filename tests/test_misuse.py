@@ -90,6 +90,7 @@ def odd_models(tmp_path_factory):
     return strides, blocks
 
 
+@pytest.mark.slow  # builds two tiny models of odd sizes
 def test_sizes_the_expert_kernels_cannot_run(check, odd_models, monkeypatch, capsys):
     strides, blocks = odd_models
     check([], "intermediate_size 50 must be multiples of 4 in 32-bit weights", model=strides)

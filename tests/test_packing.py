@@ -141,6 +141,7 @@ def test_sft_with_packing_learns_like_without(pretrained_tiny_dir, tmp_path):
     assert abs(packed[-1] - padded[-1]) <= 0.05 * padded[-1], (packed, padded)
 
 
+@pytest.mark.slow
 def test_packing_writes_nothing_into_the_data_cache(tiny_model_dir, tmp_path):
     """TRL packs the memory-mapped rows while building its trainer; its files stay out of our cache folder
     (which may be read-only, and whose files are checksummed)."""

@@ -19,6 +19,8 @@ from finetune.sft import main as sft_main
 from finetune.train.run_folder import COMPLETE_FILE, claim_run_folder, release_run_folder
 from helpers import ROOT, assert_refused, log_history, run_command, tiny_overrides
 
+pytestmark = pytest.mark.slow  # whole tiny runs, several as separate processes
+
 SFT, DPO = "recipes/tiny/sft.yaml", "recipes/tiny/dpo.yaml"
 FAULTS = Path(__file__).parent / "faults"
 
@@ -28,7 +30,6 @@ def finished_files(folder: Path) -> dict[str, bytes]:
                                                             "recipe.yaml", "README.md", COMPLETE_FILE)}
 
 
-@pytest.mark.slow
 def test_rerunning_finished_sft_and_dpo_changes_nothing_and_longer_continues(tiny_model_dir, tmp_path, capsys):
     sft = tiny_overrides(tiny_model_dir, tmp_path / "sft", max_steps=2, save_strategy="steps", save_steps=2)
     sft = [o for o in sft if o != "resume=never"]  # the README's advice: run the same command again
@@ -82,7 +83,6 @@ def test_two_runs_never_share_an_output_dir_and_a_killed_runs_lock_blocks_nothin
     release_run_folder(recipe)
 
 
-@pytest.mark.slow
 def test_sigterm_during_the_final_save_leaves_a_complete_run(tiny_model_dir, tmp_path):
     out = tmp_path / "sft"
     overrides = [o for o in tiny_overrides(tiny_model_dir, out, max_steps=2) if o != "resume=never"]
