@@ -318,20 +318,39 @@ def encode_batch(batch: dict, kind: str, encoder: ChatEncoder, max_length: int) 
 def sigterm_ends_the_build():
     """SIGTERM while tokenizing raises here instead of killing the process outright, so the tokenizing worker
     processes are terminated (datasets' pool closes on the exception) and the partial folder is removed, before
-    the process exits with 143, as a SIGTERM would have it."""
+    the process exits with 143, as a SIGTERM would have it.
+
+    Two things make this more than a handler that raises. The pool's workers (and datasets' queue manager) are
+    forked from this process and inherit the handler: there a SIGTERM (which the pool itself sends to close)
+    must end the process at once, as the default action would, not raise inside multiprocessing's plumbing,
+    where it can hang the pool's join. And datasets' cleanup on the way out (`iflatmap_unordered` reads each
+    unfinished result with a 0.05 s timeout) can replace our SystemExit with its own TimeoutError: once the
+    signal came, whatever escapes the block is the stop, exit 143."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    owner = os.getpid()
+    stopped = False
 
     def stop(signum, frame):
+        nonlocal stopped
+        if os.getpid() != owner:  # a forked worker: die as SIGTERM's default action would
+            os._exit(128 + signal.SIGTERM)
+        if stopped:  # a second SIGTERM while the workers close: the first is already being handled
+            return
+        stopped = True
         print("SIGTERM received while tokenizing: stopping the workers and removing the partial cache", flush=True)
         raise SystemExit(128 + signal.SIGTERM)
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         yield
+    except BaseException:
+        if stopped:
+            raise SystemExit(128 + signal.SIGTERM) from None
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
 
