@@ -24,6 +24,7 @@ from finetune.planning.memory import (
     estimate,
     zero_settings,
 )
+from finetune.planning.prefetch import DEFAULT_MAX_LIVE, bucket_size
 from finetune.planning.report import render
 from finetune.recipe.loading import load_recipe
 from finetune.recipe.schema import RecipeError
@@ -63,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     counts = count_parameters(recipe, config)
     setup = Setup(args.gpus, args.nodes, stage, off_opt, off_param, recipe.data.max_length,
                   recipe.train.get("per_device_train_batch_size", 8), recipe.train.get("gradient_accumulation_steps", 1),
-                  float(ds_settings.get("stage3_max_live_parameters", 1e9)),
-                  float(ds_settings.get("stage3_max_reuse_distance", 1e9)), recipe.quantization)
+                  float(ds_settings.get("stage3_max_live_parameters", DEFAULT_MAX_LIVE)),
+                  float(ds_settings.get("stage3_max_reuse_distance", 1e9)), recipe.quantization,
+                  bucket_size(ds_settings.get("stage3_prefetch_bucket_size"), config))
     plan = estimate(recipe, config, counts, setup, args.device)
     ds = deepspeed_estimate(counts, args.gpus, args.nodes, stage, off_opt, off_param) if args.device == "gpu" else None
     print(render(recipe, source, counts, plan, args, setup, ds))

@@ -23,8 +23,8 @@ USED = {
     "trl trainer._total_train_tokens": "non-pad tokens seen on all ranks, for tokens/s in the log",
     "trl.kernels.chunked_logprob._use_triton(device)": "whether TRL's fused LM head runs its Triton kernel; "
     "elsewhere finetune/model/lm_head.py replaces the slow fallback",
-    "transformers.integrations.moe._grouped_mm(input, weight, offs)": "transformers' own choice between "
-    "torch's grouped_mm kernels (where they support the device and dtype) and its fallback",
+    "torch._grouped_mm(mat_a, mat_b, offs=...)": "torch's grouped-mm kernel on a torch older than 2.10, which has "
+    "no public `torch.nn.functional.grouped_mm` (the device machines' torch may be older than ours)",
     "torch DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)": "keep the 4-bit "
     "expert stacks out of DDP's start-up broadcast, which cannot send them (every rank quantized the same "
     "checkpoint, and they never train)",
@@ -42,13 +42,9 @@ def trl_uses_triton(device: torch.device) -> bool:
     return _use_triton(device)
 
 
-def transformers_grouped_mm():
-    """transformers' grouped-mm dispatcher, or None where this transformers has none."""
-    try:
-        from transformers.integrations.moe import _grouped_mm
-    except ImportError:
-        return None
-    return _grouped_mm
+def torch_grouped_mm():
+    """torch's grouped-mm kernel: the public function where it exists, else the private op; None without one."""
+    return getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
 def ddp_ignore_parameters(model: torch.nn.Module, names: list[str]) -> None:
@@ -84,11 +80,9 @@ def problems() -> list[str]:
         _use_triton(torch.device("cpu"))
     except (ImportError, TypeError) as err:
         found.append(f"trl.kernels.chunked_logprob._use_triton(device) failed: {err}")
-    grouped_mm = transformers_grouped_mm()
-    if grouped_mm is None:
-        found.append("transformers.integrations.moe._grouped_mm is gone (expert LoRA falls back to a Python loop)")
-    elif list(inspect.signature(grouped_mm).parameters) != ["input", "weight", "offs"]:
-        found.append(f"transformers' _grouped_mm now takes {list(inspect.signature(grouped_mm).parameters)}")
+    if torch_grouped_mm() is None:
+        found.append("torch has neither torch.nn.functional.grouped_mm nor torch._grouped_mm "
+                     "(expert products fall back to one matmul per expert)")
     try:
         in_backward()
     except AttributeError:

@@ -65,8 +65,10 @@ def test_full_finetune_model_states_agree_with_deepspeed(repo_root, tmp_path, mo
     recipe = load_recipe(path)
     config, _ = read_model_config(recipe.model, builtin=True)
     counts = count_parameters(recipe, config)
-    stage, off_opt, off_param, _ = zero_settings(recipe, None, offload)
-    plan = estimate(recipe, config, counts, Setup(8, 1, stage, off_opt, off_param, 4096, 8, 1), "gpu")
+    stage, off_opt, off_param, ds = zero_settings(recipe, None, offload)
+    setup = Setup(8, 1, stage, off_opt, off_param, 4096, 8, 1, ds["stage3_max_live_parameters"],
+                  ds["stage3_max_reuse_distance"], prefetch_bucket_size=ds["stage3_prefetch_bucket_size"])
+    plan = estimate(recipe, config, counts, setup, "gpu")
     ours = sum(b for what, b in plan.rows if what.startswith(("weights", "trained", "ZeRO")))
     ds_cpu, ds_gpu = deepspeed_estimate(counts, 8, 1, stage, off_opt, off_param)
     assert ours == pytest.approx(ds_gpu, rel=0.02)

@@ -10,7 +10,7 @@ from finetune.private_apis import (
     ddp_ignore_parameters,
     in_backward,
     problems,
-    transformers_grouped_mm,
+    torch_grouped_mm,
 )
 
 
@@ -20,11 +20,11 @@ def test_every_private_api_is_still_there_as_used():
 
 
 def test_each_seam_still_does_its_job():
-    # The grouped-mm dispatcher multiplies each group of rows by its own matrix.
+    # The grouped-mm kernel multiplies each group of rows by its own matrix.
     x, weight = torch.randn(5, 8), torch.randn(2, 8, 8)  # rows a multiple of 16 bytes, as the kernel needs
     offsets = torch.tensor([2, 5], dtype=torch.int32)
     expected = torch.cat([x[:2] @ weight[0], x[2:] @ weight[1]])
-    torch.testing.assert_close(transformers_grouped_mm()(x, weight, offsets), expected)
+    torch.testing.assert_close(torch_grouped_mm()(x, weight, offs=offsets), expected)
     # The graph-task id tells a forward run inside backward (a checkpoint recompute) from a plain one.
     seen = []
     leaf = torch.ones(2, requires_grad=True)

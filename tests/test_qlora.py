@@ -151,6 +151,7 @@ def test_backward_keeps_no_dequantized_expert_weight(tiny_model_dir):
     config = model.config
     expert_shapes = {(2 * config.intermediate_size, config.hidden_size), (config.hidden_size, config.intermediate_size)}
     expert_shapes |= {s[::-1] for s in expert_shapes}
+    expert_shapes |= {(config.num_local_experts, *s) for s in expert_shapes}  # a whole dequantized stack
     saved = []
 
     def pack(tensor):

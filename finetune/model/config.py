@@ -10,7 +10,7 @@ from finetune.errors import InputError
 from finetune.files.adapter_folder import is_adapter_folder
 from finetune.files.hub_ids import is_hub_id
 
-# Public configuration of Mixtral 8x7B, used by the plan when the Hub cannot be reached (it needs no weights).
+# Public configurations of Mixtral 8x7B and 8x22B, used by the plan when the Hub cannot be reached (it needs no weights).
 KNOWN_CONFIGS = {
     "mistralai/Mixtral-8x7B-v0.1": dict(
         vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -19,6 +19,12 @@ KNOWN_CONFIGS = {
     ),
 }
 KNOWN_CONFIGS["mistralai/Mixtral-8x7B-Instruct-v0.1"] = KNOWN_CONFIGS["mistralai/Mixtral-8x7B-v0.1"]
+KNOWN_CONFIGS["mistralai/Mixtral-8x22B-v0.1"] = dict(
+    vocab_size=32768, hidden_size=6144, intermediate_size=16384, num_hidden_layers=56,
+    num_attention_heads=48, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+    max_position_embeddings=65536, rope_theta=1e6, tie_word_embeddings=False,
+)
+KNOWN_CONFIGS["mistralai/Mixtral-8x22B-Instruct-v0.1"] = KNOWN_CONFIGS["mistralai/Mixtral-8x22B-v0.1"]
 
 
 class ModelSourceError(InputError):

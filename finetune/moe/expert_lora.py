@@ -8,9 +8,11 @@ is under 2% of the layer's FLOPs. Here, for the tokens routed to expert e only,
     gate_up(x) = x W_gu[e]^T + s * (x A_gu[e]^T) B_gu[e]^T
     down(h)    = h W_d[e]^T  + s * (h A_d[e]^T)  B_d[e]^T
 
-with every product a grouped matmul over the tokens sorted by expert (transformers' `_grouped_mm`:
-`torch.nn.functional.grouped_mm` / `torch._grouped_mm`, or a per-expert loop), so no tensor the size
-of the expert stack is ever built, and the frozen weights get no gradient.
+with every product a grouped matmul over the tokens sorted by expert (finetune/moe/grouped_mm.py), so
+no tensor the size of the expert stack is built for LoRA, and the frozen weights get no gradient. The
+group ends stay on the device: a layer's forward and backward read nothing back to the host (on a GPU
+each such read stalls the queue of kernels; tests/test_host_syncs.py runs the layer under FakeTensorMode,
+where any read raises).
 
 The parameters are PEFT's own: `use_routed_expert_lora(model)` only swaps the forward of each
 `ParamWrapper` stack on an experts module, reading the wrappers' `lora_A`/`lora_B` in PEFT's layout
@@ -27,22 +29,8 @@ import torch
 from torch import nn
 
 from finetune.files.adapter_folder import expert_factors
+from finetune.moe.grouped_mm import group_ends, grouped_mm
 from finetune.moe.nf4 import NF4ExpertStack
-from finetune.private_apis import transformers_grouped_mm
-
-# transformers' dispatcher: the grouped-mm kernels where they exist, its own fallback elsewhere.
-_transformers_grouped_mm = transformers_grouped_mm()
-
-
-def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Rows of `x` (sorted by group; group g ends at offsets[g]) times weight[g] ([E, in, out])."""
-    if _transformers_grouped_mm is not None:
-        return _transformers_grouped_mm(x, weight, offs=offsets)
-    out, start = [], 0
-    for group, end in enumerate(offsets.tolist()):
-        out.append(x[start:end] @ weight[group].to(x.dtype))
-        start = end
-    return torch.cat(out)
 
 
 def _factors(wrapper, adapter: str, experts: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -55,81 +43,72 @@ class _RoutedExpertLinear(torch.autograd.Function):
     """One expert projection over the rows sorted by expert: x W_e^T (+ s (x A_e^T) B_e^T with LoRA).
 
     x is built from a tensor that exists anyway: the layer input gathered by `rows` (gate_up), or
-    act(gate) * up of the gate_up output (down, `act_fn` given). Forward: the frozen part as one grouped
-    matmul (a 4-bit stack: expert by expert, each dequantized just before its matmul), LoRA added in place
-    per expert. Saved: that source tensor, the indices and the thin (rows, r) products, never x itself nor
-    a dequantized weight. Backward: per expert, x and (4-bit) W_e are rebuilt and the input gradient of the
-    frozen and the LoRA part accumulated in one buffer, so LoRA adds no tensor of the size of the routed
-    tokens or of the expert hidden states, and a 4-bit stack adds at most one expert's weight in the
-    compute dtype, forward or backward (autograd over the same maths keeps x, every dequantized W_e, and
-    builds a separate input gradient for each part)."""
+    act(gate) * up of the gate_up output (down, `act_fn` given). Saved: that source tensor, the indices and
+    the thin (rows, r) LoRA products, never x itself (k times the layer input, or the size of the expert
+    hidden states) nor a dequantized weight: backward rebuilds x and (4-bit) the stack. Autograd over the
+    same maths would keep x, and a 4-bit layer's whole dequantized stack per layer until backward."""
 
     @staticmethod
-    def forward(ctx, source, stack, a_t, b_t, rows, offsets, bounds, scale, act_fn):
-        ctx.bounds, ctx.scale, ctx.act_fn, ctx.stack = bounds, scale, act_fn, stack
+    def forward(ctx, source, stack, a_t, b_t, rows, offsets, scale, act_fn):
+        ctx.scale, ctx.act_fn, ctx.stack = scale, act_fn, stack
         x = _input_rows(source, rows, act_fn)
-        out = _frozen_product(x, stack, offsets, bounds)
+        out = grouped_mm(x, frozen_weights(stack, x.dtype).transpose(1, 2), offsets)
         thin = None
         if a_t is not None:
-            thin = out.new_empty(out.shape[0], a_t.shape[-1])
-            for expert, (start, end) in enumerate(ctx.bounds):
-                if end > start:
-                    torch.mm(x[start:end], a_t[expert].to(x.dtype), out=thin[start:end])
-                    out[start:end].addmm_(thin[start:end], b_t[expert].to(out.dtype), alpha=scale)
-        ctx.gather = rows is not None
-        ctx.save_for_backward(source, a_t, b_t, rows if ctx.gather else offsets, thin)
+            thin = grouped_mm(x, a_t, offsets)  # (rows, r) in x's dtype, whatever the factors' dtype
+            out.add_(grouped_mm(thin, b_t, offsets), alpha=scale)
+        ctx.save_for_backward(source, a_t, b_t, rows, offsets, thin)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        source, a_t, b_t, rows, thin = ctx.saved_tensors
-        scale, act_fn, lora = ctx.scale, ctx.act_fn, a_t is not None
-        grad_a, grad_b = (torch.zeros_like(a_t), torch.zeros_like(b_t)) if lora else (None, None)
-        grad_source = torch.zeros_like(source)
-        for expert, (start, end) in enumerate(ctx.bounds):
-            if end == start:
-                continue  # an expert with no tokens: zero LoRA gradient, as with PEFT
-            g = grad[start:end]
-            grad_x = g @ expert_matrix(ctx.stack, expert, g.dtype)
-            if lora:
-                grad_b[expert] = (thin[start:end].T @ g).to(grad_b.dtype) * scale
-                g_thin = (g @ b_t[expert].to(g.dtype).T) * scale  # (rows, r)
-                grad_x.addmm_(g_thin, a_t[expert].to(g.dtype).T)
-            if ctx.gather:
-                x = source[rows[start:end]] if lora else None
-                grad_source.index_add_(0, rows[start:end], grad_x.to(grad_source.dtype))
-            else:  # through act(gate) * up, for this expert's rows only
-                with torch.enable_grad():
-                    part = source[start:end].detach().requires_grad_()
-                    x = _input_rows(part, None, act_fn)
-                grad_source[start:end] = torch.autograd.grad(x, part, grad_x)[0]
-                x = x.detach()
-            if lora:
-                grad_a[expert] = (x.T @ g_thin).to(grad_a.dtype)
-        return grad_source, None, grad_a, grad_b, None, None, None, None, None
+        source, a_t, b_t, rows, offsets, thin = ctx.saved_tensors
+        grad = grad.contiguous()  # an expanded gradient (of a sum) has strides the grouped kernel refuses
+        lora = a_t is not None
+        grad_x = grouped_mm(grad, frozen_weights(ctx.stack, grad.dtype), offsets)
+        if lora:
+            g_thin = grouped_mm(grad, b_t.transpose(1, 2), offsets).mul_(ctx.scale)  # (rows, r)
+            grad_x.add_(grouped_mm(g_thin, a_t.transpose(1, 2), offsets))
+        grad_a = grad_b = None
+        if rows is not None:  # gate_up: x = source[rows]
+            grad_source = torch.zeros_like(source).index_add_(0, rows, grad_x.to(source.dtype))
+            x = source[rows] if lora else None
+        else:  # down: x = act(gate) * up, differentiated here
+            grad_source, x = _through_activation(source, ctx.act_fn, grad_x)
+        if lora:
+            # Weight-gradient form: per expert, its rows' x^T g_thin and thin^T g (an expert with no rows: 0).
+            grad_a = grouped_mm(x.T, g_thin, offsets).to(a_t.dtype)
+            grad_b = grouped_mm(thin.T, grad, offsets).mul_(ctx.scale).to(b_t.dtype)
+        return grad_source, None, grad_a, grad_b, None, None, None, None
 
 
-def expert_matrix(stack: torch.Tensor, expert: int, dtype: torch.dtype) -> torch.Tensor:
-    """Expert `expert`'s frozen matrix [out, in] in `dtype` (a 4-bit stack dequantizes it, alone)."""
+def _through_activation(source, act_fn, grad_x):
+    """The gradient of x = act(gate) * up with respect to source = [gate, up], and x itself.
+
+    A small graph built and used inside backward. Its saved tensors go through identity hooks on purpose:
+    activation offloading (TRL's, or any `saved_tensors_hooks` around backward) would otherwise move them
+    to the CPU and back within this one call, for nothing."""
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+        part = source.detach().requires_grad_()
+        x = _input_rows(part, None, act_fn)
+    (grad_source,) = torch.autograd.grad(x, part, grad_x.to(x.dtype))
+    return grad_source, x.detach()
+
+
+def _keep(tensor):
+    return tensor
+
+
+def frozen_weights(stack: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The frozen stack [E, out, in] in `dtype` (a 4-bit stack dequantized, transient: finetune/moe/nf4.py)."""
     if isinstance(stack, NF4ExpertStack):
-        return stack.expert(expert, dtype)
-    return stack[expert].to(dtype)
+        return stack.dequantize(dtype)
+    return stack.to(dtype)
 
 
-def _frozen_product(x, stack, offsets, bounds) -> torch.Tensor:
-    """x_e W_e^T for the rows of every expert e."""
-    if not isinstance(stack, NF4ExpertStack):
-        return grouped_mm(x, stack.transpose(1, 2), offsets)
-    out = x.new_empty(x.shape[0], stack.shape[1])
-    for expert, (start, end) in enumerate(bounds):
-        if end > start:
-            torch.mm(x[start:end], expert_matrix(stack, expert, x.dtype).T, out=out[start:end])
-    return out
-
-
-def _project(source, stack, lora, rows, offsets, bounds, act_fn) -> torch.Tensor:
+def _project(source, stack, lora, rows, offsets, act_fn) -> torch.Tensor:
     a_t, b_t, scale = lora if lora is not None else (None, None, 0.0)
-    return _RoutedExpertLinear.apply(source, stack, a_t, b_t, rows, offsets, bounds, scale, act_fn)
+    return _RoutedExpertLinear.apply(source, stack, a_t, b_t, rows, offsets, scale, act_fn)
 
 
 def _input_rows(source, rows, act_fn):
@@ -147,19 +126,9 @@ def routed_experts_forward(experts: nn.Module, hidden_states, top_k_index, top_k
     top_k = top_k_index.shape[-1]
     expert_ids, order = torch.sort(top_k_index.reshape(-1))
     rows = order // top_k
-    offsets = torch.cumsum(torch.bincount(expert_ids, minlength=experts.num_experts), 0).to(torch.int32)
-    counts = offsets.tolist()  # one host sync per layer, shared by both projections
-    bounds = list(zip([0] + counts[:-1], counts))
-    gate_up_stack, down_stack = experts.gate_up_proj, experts.down_proj
-    if gate_up_lora is None and not isinstance(gate_up_stack, NF4ExpertStack):
-        gate_up = grouped_mm(hidden_states[rows], gate_up_stack.transpose(1, 2), offsets)
-    else:
-        gate_up = _project(hidden_states, gate_up_stack, gate_up_lora, rows, offsets, bounds, None)
-    if down_lora is None and not isinstance(down_stack, NF4ExpertStack):
-        gate, up = gate_up.chunk(2, dim=-1)
-        out = grouped_mm(experts.act_fn(gate) * up, down_stack.transpose(1, 2), offsets)
-    else:
-        out = _project(gate_up, down_stack, down_lora, None, offsets, bounds, experts.act_fn)
+    offsets = group_ends(expert_ids, experts.num_experts)
+    gate_up = _project(hidden_states, experts.gate_up_proj, gate_up_lora, rows, offsets, None)
+    out = _project(gate_up, experts.down_proj, down_lora, None, offsets, experts.act_fn)
     out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
     # Back to token order, then sum each token's k expert outputs (fp32 like transformers' reduction).
     unsorted = torch.empty_like(out).index_copy_(0, order, out)

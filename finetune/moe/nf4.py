@@ -10,8 +10,15 @@ expert's matrix at a time, so that is all that is ever dequantized.
 no gradient), so PEFT's `target_parameters` wraps it like the dense one and adapters keep PEFT's format.
 It holds, per expert, the packed 4-bit codes (`quantize_4bit`, NF4, blocksize 64: out*in/2 bytes) and the
 fp32 scale of each block of 64 (out*in/64 floats): 4.5 bits per weight, 0.28x bf16. Each expert is
-quantized on its own, so its slice of both is all `expert(e)` reads. Any other use of its values (a
+quantized on its own, so its slice of both is all `expert(e)` reads; the blocks of consecutive experts
+are consecutive, so `dequantize()` rebuilds the whole stack in one call. Any other use of its values (a
 merge, PEFT's own expert path, a copy) raises instead of computing on something that is not the weight.
+
+The routed path dequantizes a layer's whole stack for one grouped matmul (forward, and again in backward:
+never kept), not one expert at a time: slicing the routed rows per expert needs each expert's row count
+on the host, a GPU sync per layer, and one launch per expert. The cost is one layer's stack in the compute
+dtype while it runs (8x7B: 1.75 GiB for gate_up in bf16), which the memory plan counts. bitsandbytes'
+NF4 code table is built once per stack and device (`code`), not on every call from a Python list.
 """
 
 from __future__ import annotations
@@ -62,14 +69,19 @@ class NF4ExpertStack(torch.Tensor):
 
     packed: torch.Tensor
     absmax: torch.Tensor
+    code: torch.Tensor
 
     @staticmethod
-    def __new__(cls, packed: torch.Tensor, absmax: torch.Tensor, shape: Iterable[int], dtype: torch.dtype):
+    def __new__(cls, packed: torch.Tensor, absmax: torch.Tensor, shape: Iterable[int], dtype: torch.dtype,
+                code: torch.Tensor | None = None):
         return torch.Tensor._make_wrapper_subclass(cls, tuple(shape), dtype=dtype, device=packed.device,
                                                    requires_grad=False)
 
-    def __init__(self, packed, absmax, shape, dtype):
+    def __init__(self, packed, absmax, shape, dtype, code=None):
+        from bitsandbytes.functional import get_4bit_type
+
         self.packed, self.absmax = packed, absmax
+        self.code = code if code is not None else get_4bit_type(QUANT_TYPE, device=packed.device)
 
     @classmethod
     def from_experts(cls, experts: Iterable[torch.Tensor], shape: tuple[int, int, int], dtype: torch.dtype,
@@ -92,16 +104,18 @@ class NF4ExpertStack(torch.Tensor):
 
     def expert(self, index: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Expert `index`'s matrix [out, in], dequantized into a new tensor of `dtype` (default: self's)."""
-        from bitsandbytes.functional import QuantState, dequantize_4bit, get_4bit_type
-
-        state = QuantState(absmax=self.absmax[index], shape=torch.Size(self.shape[1:]),
-                           code=get_4bit_type(QUANT_TYPE, device=self.packed.device), blocksize=BLOCKSIZE,
-                           quant_type=QUANT_TYPE, dtype=dtype or self.dtype)
-        return dequantize_4bit(self.packed[index], state)
+        return self._dequantize(self.packed[index], self.absmax[index], self.shape[1:], dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The whole stack in `dtype`: for checks on small models, never on the training path."""
-        return torch.stack([self.expert(e, dtype) for e in range(self.shape[0])])
+        """The whole stack [E, out, in] in `dtype`, in one call (the routed path's frozen weights)."""
+        return self._dequantize(self.packed.reshape(-1), self.absmax.reshape(-1), self.shape, dtype)
+
+    def _dequantize(self, packed, absmax, shape, dtype) -> torch.Tensor:
+        from bitsandbytes.functional import QuantState, dequantize_4bit
+
+        state = QuantState(absmax=absmax, shape=torch.Size(shape), code=self.code, blocksize=BLOCKSIZE,
+                           quant_type=QUANT_TYPE, dtype=dtype or self.dtype)
+        return dequantize_4bit(packed, state)
 
     @property
     def stored_bytes(self) -> int:
@@ -115,11 +129,11 @@ class NF4ExpertStack(torch.Tensor):
         kwargs = kwargs or {}
         stack = args[0]
         if func in (aten.detach.default, aten.alias.default):  # what nn.Parameter and state_dict() do
-            return cls(stack.packed, stack.absmax, stack.shape, stack.dtype)
+            return cls(stack.packed, stack.absmax, stack.shape, stack.dtype, stack.code)
         if func is aten._to_copy.default and kwargs.get("layout", torch.strided) == torch.strided:  # .to(device)
             device = kwargs.get("device") or stack.device
             return cls(stack.packed.to(device), stack.absmax.to(device), stack.shape,
-                       kwargs.get("dtype") or stack.dtype)
+                       kwargs.get("dtype") or stack.dtype, stack.code.to(device))
         raise NotImplementedError(
             f"{func} on a 4-bit expert stack: its values exist one expert at a time (NF4ExpertStack.expert); "
             "with quantization: nf4 the experts run through finetune/moe/expert_lora.py only (lora.expert_kernel: routed)"

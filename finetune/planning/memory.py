@@ -21,6 +21,7 @@ import torch
 from finetune.model.lora_targets import group_of, make_trainable, trainable_counts
 from finetune.moe.nf4 import EXPERT_BYTES_PER_WEIGHT, LINEAR_BYTES_PER_WEIGHT
 from finetune.moe.router import moe_blocks
+from finetune.planning.prefetch import prefetch_problem
 from finetune.recipe.launch_file import deepspeed_settings
 from finetune.recipe.schema import Recipe
 
@@ -62,6 +63,8 @@ class Setup:
     kept gathered. Under gradient checkpointing a model smaller than this keeps every parameter gathered."""
     quantization: str = "none"
     """The recipe's `quantization`: `nf4` stores attention and expert weights in 4 bits (no DeepSpeed)."""
+    prefetch_bucket_size: float = 0.0
+    """DeepSpeed's stage3_prefetch_bucket_size ("auto" resolved: finetune/planning/prefetch.py); 0 = not read."""
 
     @property
     def world(self) -> int:
@@ -77,6 +80,8 @@ class Plan:
     shapes), so rank 0 maps the whole checkpoint: CPU page cache, released once the model is built."""
     loading_bytes: float = 0.0
     """--device cpu with ZeRO-3: rank 0's resident memory while loading (runtime + its shard + the checkpoint)."""
+    notes: list[str] = field(default_factory=list)
+    """What the plan found wrong with the setup that costs time rather than memory (printed under the rows)."""
 
     @property
     def total(self) -> float:
@@ -141,8 +146,9 @@ def estimate(recipe: Recipe, config, counts: Counts, setup: Setup, device: str) 
         weights = counts.quantized_bytes + rest * weight_bytes
         plan.rows.append((f"weights ({counts.quantizable / 1e9:.2f} B in 4-bit NF4, {rest / 1e9:.2f} B {dtype_name})",
                           weights))
-        plan.rows.append(("4-bit: one expert's matrix dequantized for its matmul",
-                          2 * config.intermediate_size * config.hidden_size * weight_bytes))  # gate_up
+        plan.rows.append(("4-bit: one layer's expert stack dequantized for its matmul",
+                          config.num_local_experts * 2 * config.intermediate_size * config.hidden_size
+                          * weight_bytes))  # gate_up, the larger (finetune/moe/nf4.py)
     else:
         weights = 0 if off_param else counts.total * weight_bytes / (world if stage == 3 else 1)
         how = dtype_name + (f", sharded /{world}" if stage == 3 else "") + (", offloaded" if off_param else "")
@@ -154,7 +160,15 @@ def estimate(recipe: Recipe, config, counts: Counts, setup: Setup, device: str) 
         kept = min(counts.total, max(setup.max_live_parameters, 2 * counts.largest_block))
         plan.rows.append((f"ZeRO-3 gathered, kept for reuse ({kept / 1e6:,.0f} M params)", kept * weight_bytes))
     elif stage == 3:
-        plan.rows.append(("ZeRO-3 gather: one MoE block + prefetch", 2 * counts.largest_block * weight_bytes))
+        values = f"max_live {setup.max_live_parameters / 1e9:.3g}e9, bucket {setup.prefetch_bucket_size / 1e9:.3g}e9"
+        problem = prefetch_problem(config, setup.max_live_parameters, setup.prefetch_bucket_size, counts.largest_block)
+        if problem is None:
+            plan.rows.append((f"ZeRO-3 gather: block + next ({values})",
+                              2 * counts.largest_block * weight_bytes))
+        else:
+            plan.rows.append((f"ZeRO-3 gather: one block, no prefetch ({values})",
+                              counts.largest_block * weight_bytes))
+            plan.notes.append(problem)
     layers, lm_head, packed_mask = activation_bytes(recipe, config, setup, weight_bytes)
     plan.rows.append(("activations (estimate, checkpointed)", layers))
     plan.rows.append(("LM head: one tile of logits, trained positions' hidden states", lm_head))

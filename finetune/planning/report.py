@@ -22,6 +22,7 @@ def render(recipe, source, counts, plan, args, setup: Setup, ds) -> str:
     for size in sizes:
         verdict = "fits" if plan.total <= size * GIB else "DOES NOT FIT"
         lines.append(f"  of {size:g} GiB per {device_word}: {verdict} ({100 * plan.total / (size * GIB):.0f}% used)")
+    lines += [f"note: {note}" for note in plan.notes]
     if plan.cpu_bytes_per_node:
         lines.append(f"CPU memory per node for offloaded states: {plan.cpu_bytes_per_node / GIB:.2f} GiB")
     if plan.loading_bytes:

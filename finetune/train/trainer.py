@@ -55,15 +55,21 @@ class MoETrainerMixin:
 
 class RouterTerms:
     """The router's part of a trainer's loss and logs: adds the recipe's router losses to each forward's loss,
-    and keeps their values and the routed-token counts until the next log line."""
+    and sums their values and the routed-token counts until the next log line.
+
+    The sums stay on the device and on each process: a micro-step reads nothing back to the host and
+    talks to no other rank. At a log line they are gathered once and read (`pop_means`, `router_stats`).
+    Reading them every micro-step, as before, cost a GPU sync and up to four NCCL all-gathers per
+    micro-step, logged or not."""
 
     def __init__(self, model, moe):
         self.tap = RouterTap(model)
         self.moe = moe
-        self.metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self.counts: dict[str, torch.Tensor] = {}  # mode -> [layers, experts] routed tokens since last log
-        self.entropy: dict[str, list[torch.Tensor]] = {}  # mode -> [per-layer entropy sums, token count]
+        self.sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}  # loss sums since last log
+        self.steps: dict[str, dict[str, int]] = {"train": defaultdict(int), "eval": defaultdict(int)}
+        self.routing: dict[str, list[torch.Tensor]] = {}  # mode -> [layer x expert counts, entropy sums, tokens]
         self.eval_loads: list[tuple[int, list[list[float]]]] = []  # (step, layer x expert share) per evaluation
+        self.gather = None  # the trainer's accelerator.gather, set by the first `add`
 
     def add(self, trainer, loss, attention_mask, num_items_in_batch, task_loss_name: str | None = None):
         """loss + router losses, from the router logits captured during this forward."""
@@ -71,7 +77,8 @@ class RouterTerms:
         aux, z = router_losses(self.tap, logits, attention_mask)
         training = trainer.model.training
         mode = "train" if training else "eval"
-        self._count_routing(mode, trainer, logits, attention_mask)
+        self.gather = trainer.accelerator.gather  # one value per process: never trimmed like per-sample metrics
+        self._count_routing(mode, logits, attention_mask)
         # Where the trainer's loss is already scaled for gradient accumulation (SFT: divided by the tokens of
         # the accumulated batch), divide the router losses by the steps; where Trainer divides the whole loss
         # afterwards (DPO), add them as they are. Same rule as transformers' Trainer.training_step.
@@ -79,42 +86,49 @@ class RouterTerms:
         if scaled is None:
             scaled = trainer.model_accepts_loss_kwargs and num_items_in_batch is not None
         steps = trainer.current_gradient_accumulation_steps if (training and scaled) else 1
-        gather = trainer.accelerator.gather  # one value per process: never trimmed like per-sample metrics
         values = {task_loss_name: loss, "aux_loss": aux, "z_loss": z if self.moe.z_loss_coef > 0 else None}
         for name, value in values.items():
             if name is not None and value is not None:
-                self.metrics[mode][name].append(gather(value.detach().reshape(1)).mean().item())
+                value = value.detach().float().reshape(1)
+                self.sums[mode][name] = self.sums[mode][name] + value if name in self.sums[mode] else value
+                self.steps[mode][name] += 1
         return add_router_losses(loss, aux, z, self.moe.aux_loss_coef, self.moe.z_loss_coef, steps)
 
-    def _count_routing(self, mode, trainer, logits, attention_mask):
-        # Summed over ranks as counts, so shares are over all routed tokens (not a mean of ratios). `gather`, not
-        # `gather_for_metrics`: these are one row per process, which the latter trims to the samples left in the
-        # last batch of a dataloader.
+    def _count_routing(self, mode, logits, attention_mask):
         counts = expert_counts(logits, self.tap.top_k, attention_mask)
         entropy, tokens = entropy_sums(logits, attention_mask)
-        gather = trainer.accelerator.gather
-        world = trainer.accelerator.num_processes
-        counts = gather(counts.unsqueeze(0)).reshape(world, *counts.shape).sum(0).cpu()
-        entropy = gather(entropy.unsqueeze(0)).reshape(world, -1).sum(0).cpu()
-        tokens = gather(tokens.reshape(1)).sum().cpu()
-        self.counts[mode] = self.counts.get(mode, 0) + counts
-        previous = self.entropy.get(mode, [0, 0])
-        self.entropy[mode] = [previous[0] + entropy, previous[1] + tokens]
+        new = [counts, entropy, tokens.reshape(1).float()]
+        previous = self.routing.get(mode)
+        self.routing[mode] = new if previous is None else [a + b for a, b in zip(previous, new)]
+
+    def pop_means(self, mode: str) -> dict[str, float]:
+        """Each loss metric's mean over the micro-steps and processes since the last call, and resets."""
+        means = {}
+        for name, total in self.sums[mode].items():
+            gathered = self.gather(total)  # [processes]
+            means[name] = gathered.sum().item() / (self.steps[mode][name] * gathered.numel())
+        self.sums[mode].clear()
+        self.steps[mode].clear()
+        return means
 
     def router_stats(self, mode: str) -> dict | None:
-        """Balance since the last call (finetune/moe/router_stats.py), and resets; None if nothing was routed."""
-        if mode not in self.counts:
+        """Balance since the last call (finetune/moe/router_stats.py), and resets; None if nothing was routed.
+        Summed over processes as counts, so shares are over all routed tokens (not a mean of ratios); `gather`,
+        not `gather_for_metrics`, which trims to the samples left in a dataloader's last batch."""
+        if mode not in self.routing:
             return None
-        entropy, tokens = self.entropy.pop(mode)
-        return router_summary(self.counts.pop(mode), entropy / max(float(tokens), 1.0))
+        counts, entropy, tokens = self.routing.pop(mode)
+        counts = self.gather(counts.unsqueeze(0)).sum(0).cpu()
+        entropy = self.gather(entropy.unsqueeze(0)).sum(0).cpu()
+        tokens = self.gather(tokens).sum().item()
+        return router_summary(counts, entropy / max(tokens, 1.0))
 
     def add_logs(self, logs: dict, mode: str, step: int = 0) -> dict:
         """The loss metrics (averaged since the last line) and router summaries into the log line; every
         layer's values to wandb when it is running."""
         prefix = "eval_" if mode == "eval" else ""
-        for name, values in self.metrics[mode].items():
-            logs[prefix + name] = sum(values) / len(values)
-        self.metrics[mode].clear()
+        for name, mean in self.pop_means(mode).items():
+            logs[prefix + name] = mean
         stats = self.router_stats(mode)
         if stats is None:
             return logs
