@@ -45,3 +45,17 @@ def pretrained_tiny_dir(tmp_path_factory) -> Path:
     from finetune.model.tiny import make_tiny_mixtral
 
     return make_tiny_mixtral(tmp_path_factory.mktemp("tiny") / "pretrained", seed=0, pretrain_steps=150)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The `gpu` tier is the only one that touches CUDA, and it skips where there is none: each test says why
+    it needs one, none has to remember the skip. (The other tiers run on the CPU on any machine: the tiny
+    recipes and `helpers.tiny_overrides` set `device: cpu`, tests/test_device.py.)"""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu tier: no CUDA device on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

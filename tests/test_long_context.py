@@ -5,7 +5,6 @@ The 2-process sequence-parallel step itself: tests/test_distributed.py."""
 import re
 
 import pytest
-import torch
 
 from finetune.recipe.loading import load_recipe
 from finetune.recipe.schema import RecipeError
@@ -71,14 +70,12 @@ def test_preflight_refuses_heads_that_do_not_split_and_a_run_without_deepspeed(t
         check_sequence_parallel_runs_here(launched, heads=4)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="refused only where there is no GPU")
-def test_activation_offloading_is_refused_without_a_gpu(tmp_path, tiny_model_dir):
+def test_activation_offloading_is_refused_on_the_cpu(tmp_path, tiny_model_dir):  # device: cpu, on any machine
     with pytest.raises(RecipeError, match="train.activation_offloading moves activations from GPU to CPU memory"):
         preflight(recipe(tmp_path, tiny_model_dir, "train.activation_offloading=true", "launch=null"))
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="activation offloading moves activations off a GPU")
 def test_activation_offloading_trains_one_step_on_a_gpu_as_without(tmp_path, tiny_model_dir):
     from trl.models.activation_offloading import OffloadActivations
 
@@ -87,7 +84,8 @@ def test_activation_offloading_trains_one_step_on_a_gpu_as_without(tmp_path, tin
     losses = {}
     for offloading in (True, False):
         overrides = tiny_overrides(tiny_model_dir, tmp_path / str(offloading), max_steps=1)
-        trainer, _ = build(load_recipe(SFT, [*overrides, f"train.activation_offloading={str(offloading).lower()}"]))
+        trainer, _ = build(load_recipe(SFT, [*overrides, "device=cuda",
+                                             f"train.activation_offloading={str(offloading).lower()}"]))
         # The trainer really runs its steps inside TRL's offloading context (and only when asked).
         assert isinstance(trainer.maybe_activation_offload_context, OffloadActivations) is offloading
         losses[offloading] = trainer.train().training_loss

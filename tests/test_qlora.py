@@ -123,7 +123,6 @@ def test_lora_gradients_equal_peft_on_the_dequantized_weights(tiny_model_dir, ev
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_cuda_logits_and_gradients_equal_the_dequantized_model(tiny_model_dir):
     """bitsandbytes' CUDA kernels (quantize, dequantize, Linear4bit), fp32 so the comparison is exact."""
     model = quantized(tiny_model_dir, "lora.init_lora_weights=false", device="cuda")

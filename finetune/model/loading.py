@@ -5,19 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from finetune.model.device import training_dtype
 from finetune.moe.router import moe_blocks
 from finetune.recipe.schema import Recipe, RecipeError
-
-
-def training_dtype(recipe: Recipe) -> torch.dtype:
-    return torch.bfloat16 if use_bf16(recipe) else torch.float32
-
-
-def use_bf16(recipe: Recipe) -> bool:
-    """The recipe's `train.bf16` if set, else bf16 exactly when the GPU supports it."""
-    if "bf16" in recipe.train:
-        return bool(recipe.train["bf16"])
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 def load_base_model(recipe: Recipe, dtype: torch.dtype | None = None):

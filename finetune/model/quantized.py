@@ -29,6 +29,7 @@ from finetune.files.checkpoint_layout import (
     stack_shape,
 )
 from finetune.files.safetensors import CheckpointFiles, allocate_large_tensors_with_mmap
+from finetune.model.device import training_device
 from finetune.moe.nf4 import BLOCKSIZE, QUANT_TYPE, NF4ExpertStack, bitsandbytes
 from finetune.recipe.schema import Recipe, RecipeError
 
@@ -46,11 +47,12 @@ def checkpoint_folder(name: str, source: str) -> Path:
     return path
 
 
-def device_for_training() -> torch.device:
-    """This process's device under accelerate (its own GPU, else the CPU): where the quantized weights live."""
+def device_for_training(recipe: Recipe) -> torch.device:
+    """This process's device under accelerate (its own GPU, else the CPU; the CPU for `device: cpu`): where
+    the quantized weights live."""
     from accelerate import PartialState
 
-    return PartialState().device
+    return PartialState(cpu=training_device(recipe) == "cpu").device
 
 
 def load_quantized_model(recipe: Recipe, dtype: torch.dtype, device: torch.device | str | None = None,
@@ -61,7 +63,7 @@ def load_quantized_model(recipe: Recipe, dtype: torch.dtype, device: torch.devic
     from finetune.moe.expert_lora import route_experts
 
     bnb = bitsandbytes(recipe.source)
-    device = torch.device(device or device_for_training())
+    device = torch.device(device or device_for_training(recipe))
     allocate_large_tensors_with_mmap()  # each expert's matrix is read, quantized and freed: keep the heap flat
     folder = checkpoint_folder(recipe.model, recipe.source)
     checkpoint = CheckpointFiles(folder)

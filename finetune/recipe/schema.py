@@ -123,6 +123,10 @@ class Recipe:
     (finetune/moe/nf4.py); router, norms, embeddings and LM head in the training dtype. LoRA only (the adapter
     is a plain PEFT adapter of the unquantized base, and export merges into that base); one whole 4-bit
     copy per process (plain data parallel, no DeepSpeed). Needs `pip install -e ".[qlora]"`."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the pass trains. `auto`: the GPU when there is one (bf16 where it supports it), else the CPU in
+    fp32. `cpu`: the CPU in fp32 even on a GPU machine, so a tiny recipe (and every CPU test tier) means the
+    same run everywhere. `cuda`: refuse to start where there is no GPU, rather than train on the CPU."""
     sequence_parallel: int = 1
     """Split each row's tokens across this many processes (DeepSpeed Ulysses, through accelerate's
     ParallelismConfig): for samples longer than one GPU holds. Attention exchanges heads for tokens, so the

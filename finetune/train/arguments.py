@@ -6,9 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
-from finetune.model.loading import use_bf16
+from finetune.model.device import training_device, use_bf16
 from finetune.recipe.library_keys import trainer_config_class
 from finetune.recipe.schema import Recipe, RecipeError
 
@@ -42,7 +40,7 @@ def trainer_args(recipe: Recipe):
         from finetune.train.launch import sequence_parallel_config
 
         kwargs["parallelism_config"] = sequence_parallel_config(recipe.sequence_parallel)
-    if not torch.cuda.is_available():
+    if training_device(recipe) == "cpu":
         kwargs["use_cpu"] = True
     check_wandb_login(recipe, kwargs.get("report_to"))
     try:

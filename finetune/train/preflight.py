@@ -4,11 +4,10 @@ about a recipe."""
 
 from __future__ import annotations
 
-import torch
-
 from finetune.files.adapter_folder import ADAPTER_CONFIG, AdapterError, is_adapter_folder, read_adapter_config
 from finetune.files.hub_ids import same_model
 from finetune.model.config import ModelSourceError, model_config
+from finetune.model.device import training_device
 from finetune.model.lora_targets import adapter_groups
 from finetune.model.shapes import shape_problems
 from finetune.moe.nf4 import bitsandbytes
@@ -35,11 +34,11 @@ def preflight(recipe: Recipe):
         check_sequence_parallel_runs_here(recipe, config.num_attention_heads)
     if recipe.quantization != "none":
         check_quantization_runs_here(recipe)
-    if recipe.train.get("activation_offloading") and not torch.cuda.is_available():
+    if recipe.train.get("activation_offloading") and training_device(recipe) != "cuda":
         # TRL's OffloadActivations copies saved activations from the accelerator to CPU memory on side streams;
         # without an accelerator it fails deep inside SFTTrainer.__init__ (measured: AttributeError).
         raise RecipeError(f"{recipe.source}: train.activation_offloading moves activations from GPU to CPU memory "
-                          "and needs a GPU; this machine has none: set train.activation_offloading=false")
+                          "and needs a GPU; this run is on the CPU: set train.activation_offloading=false")
     return args
 
 
