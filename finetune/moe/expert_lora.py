@@ -70,16 +70,27 @@ class _RoutedExpertLinear(torch.autograd.Function):
             g_thin = grouped_mm(grad, b_t.transpose(1, 2), offsets).mul_(ctx.scale)  # (rows, r)
             grad_x.add_(grouped_mm(g_thin, a_t.transpose(1, 2), offsets))
         grad_a = grad_b = None
+        if lora:
+            # Weight-gradient form: per expert, its rows' thin^T g (an expert with no rows: 0).
+            grad_b = grouped_mm(thin.T, grad, offsets).mul_(ctx.scale).to(b_t.dtype)
         if rows is not None:  # gate_up: x = source[rows]
             grad_source = torch.zeros_like(source).index_add_(0, rows, grad_x.to(source.dtype))
-            x = source[rows] if lora else None
-        else:  # down: x = act(gate) * up, differentiated here
-            grad_source, x = _through_activation(source, ctx.act_fn, grad_x)
-        if lora:
-            # Weight-gradient form: per expert, its rows' x^T g_thin and thin^T g (an expert with no rows: 0).
-            grad_a = grouped_mm(x.T, g_thin, offsets).to(a_t.dtype)
-            grad_b = grouped_mm(thin.T, grad, offsets).mul_(ctx.scale).to(b_t.dtype)
-        return grad_source, None, grad_a, grad_b, None, None, None, None
+            if lora:
+                grad_a = grouped_mm(source[rows].T, g_thin, offsets).to(a_t.dtype)
+            return grad_source, None, grad_a, grad_b, None, None, None, None
+        # down: x = act(gate) * up, rebuilt and differentiated here a block of rows at a time, so neither x
+        # nor the activation's intermediates exist for all routed rows at once (the block count is the expert
+        # count, from shapes only: no host read). A block's share of grad_a uses the group ends shifted into it.
+        grad_source = torch.empty_like(source)
+        grad_a = torch.zeros_like(a_t, dtype=torch.float32) if lora else None
+        total, size = source.shape[0], -(-source.shape[0] // max(1, a_t.shape[0] if lora else ctx.stack.shape[0]))
+        for start in range(0, total, size):
+            block = slice(start, min(start + size, total))
+            grad_source[block], x = _through_activation(source[block], ctx.act_fn, grad_x[block])
+            if lora:
+                ends = (offsets - start).clamp_(0, block.stop - start)
+                grad_a += grouped_mm(x.T, g_thin[block], ends)
+        return grad_source, None, grad_a.to(a_t.dtype) if lora else None, grad_b, None, None, None, None
 
 
 def _through_activation(source, act_fn, grad_x):
