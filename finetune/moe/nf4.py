@@ -1,10 +1,10 @@
-"""Fused expert stacks stored in 4-bit NF4, one expert at a time, dequantized one expert at a time.
+"""Fused expert stacks stored in 4-bit NF4, quantized one expert at a time, dequantized a layer's stack at a time.
 
 Why by hand: bitsandbytes (and transformers' `BitsAndBytesConfig`) quantize `nn.Linear` modules only.
 Mixtral's experts are fused 3-D parameters (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj`
 [E, H, I]), 97% of the weights, so a stock "4-bit" Mixtral keeps them in 16 bits. Others dequantize the
-whole stack on every forward; the routed expert path (finetune/moe/expert_lora.py) only ever needs one
-expert's matrix at a time, so that is all that is ever dequantized.
+whole stack of every layer up front or keep it for backward; here it exists only while its grouped matmul
+runs (finetune/moe/expert_lora.py), forward and again in backward.
 
 `NF4ExpertStack` is a tensor that looks like the stack it replaces (shape [E, out, in], the compute dtype,
 no gradient), so PEFT's `target_parameters` wraps it like the dense one and adapters keep PEFT's format.
@@ -135,7 +135,7 @@ class NF4ExpertStack(torch.Tensor):
             return cls(stack.packed.to(device), stack.absmax.to(device), stack.shape,
                        kwargs.get("dtype") or stack.dtype, stack.code.to(device))
         raise NotImplementedError(
-            f"{func} on a 4-bit expert stack: its values exist one expert at a time (NF4ExpertStack.expert); "
+            f"{func} on a 4-bit expert stack: its values exist only dequantized (NF4ExpertStack.dequantize); "
             "with quantization: nf4 the experts run through finetune/moe/expert_lora.py only (lora.expert_kernel: routed)"
         )
 

@@ -21,7 +21,7 @@ import torch
 from finetune.model.lora_targets import group_of, make_trainable, trainable_counts
 from finetune.moe.nf4 import EXPERT_BYTES_PER_WEIGHT, LINEAR_BYTES_PER_WEIGHT
 from finetune.moe.router import moe_blocks
-from finetune.planning.prefetch import prefetch_problem
+from finetune.planning.prefetch import DEFAULT_MAX_LIVE, prefetch_problem
 from finetune.recipe.launch_file import deepspeed_settings
 from finetune.recipe.schema import Recipe
 
@@ -56,7 +56,7 @@ class Setup:
     """train.per_device_train_batch_size"""
     accumulation: int
     """train.gradient_accumulation_steps"""
-    max_live_parameters: float = 1e9
+    max_live_parameters: float = DEFAULT_MAX_LIVE
     """DeepSpeed's stage3_max_live_parameters (its default 1e9)."""
     max_reuse_distance: float = 1e9
     """DeepSpeed's stage3_max_reuse_distance: a gathered parameter used again within this many parameters is

@@ -119,7 +119,7 @@ class Recipe:
     data: DataSection
     quantization: Literal["none", "nf4"] = "none"
     """`nf4`: load the base in 4-bit (QLoRA) so Mixtral 8x7B trains on one GPU (finetune.plan says which):
-    attention through bitsandbytes, each expert's weights NF4 per expert, dequantized one expert at a time
+    attention through bitsandbytes, each expert's weights NF4 per expert, a layer's stack dequantized only while it runs
     (finetune/moe/nf4.py); router, norms, embeddings and LM head in the training dtype. LoRA only (the adapter
     is a plain PEFT adapter of the unquantized base, and export merges into that base); one whole 4-bit
     copy per process (plain data parallel, no DeepSpeed). Needs `pip install -e ".[qlora]"`."""

@@ -37,7 +37,7 @@ class MoETrainerMixin:
         with maps_outside_cache():  # TRL packs (SFT) or maps the data here: its files stay out of our cache
             super().__init__(*args, **kwargs)
         use_compact_lm_head(self.model)
-        self.router_terms = RouterTerms(self.model, moe)
+        self.router_terms = RouterTerms(self.model, moe, self.accelerator.gather)
         self.throughput = Throughput()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -62,14 +62,14 @@ class RouterTerms:
     Reading them every micro-step, as before, cost a GPU sync and up to four NCCL all-gathers per
     micro-step, logged or not."""
 
-    def __init__(self, model, moe):
+    def __init__(self, model, moe, gather):
         self.tap = RouterTap(model)
+        self.gather = gather  # accelerator.gather: one value per process, never trimmed like per-sample metrics
         self.moe = moe
         self.sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}  # loss sums since last log
         self.steps: dict[str, dict[str, int]] = {"train": defaultdict(int), "eval": defaultdict(int)}
         self.routing: dict[str, list[torch.Tensor]] = {}  # mode -> [layer x expert counts, entropy sums, tokens]
         self.eval_loads: list[tuple[int, list[list[float]]]] = []  # (step, layer x expert share) per evaluation
-        self.gather = None  # the trainer's accelerator.gather, set by the first `add`
 
     def add(self, trainer, loss, attention_mask, num_items_in_batch, task_loss_name: str | None = None):
         """loss + router losses, from the router logits captured during this forward."""
@@ -77,7 +77,6 @@ class RouterTerms:
         aux, z = router_losses(self.tap, logits, attention_mask)
         training = trainer.model.training
         mode = "train" if training else "eval"
-        self.gather = trainer.accelerator.gather  # one value per process: never trimmed like per-sample metrics
         self._count_routing(mode, logits, attention_mask)
         # Where the trainer's loss is already scaled for gradient accumulation (SFT: divided by the tokens of
         # the accumulated batch), divide the router losses by the steps; where Trainer divides the whole loss
