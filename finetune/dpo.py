@@ -111,7 +111,7 @@ def check_reference(trainer, recipe: Recipe, reference: str) -> None:
     for name, param in parameters.items():
         if ".default." in name:
             copy = parameters.get(name.replace(".default.", f".{REFERENCE_ADAPTER}."))
-            if copy is None or not torch.equal(copy, param):
+            if copy is None or not torch.equal(copy, param.to(copy.dtype)):  # the policy's may be fp32 masters
                 raise CheckFailed(f"{recipe.source}: the reference adapter differs from the SFT policy at {name}")
 
 

@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 
 from finetune.cli import invoked_as
+from finetune.errors import InputError
 from finetune.evaluation.loading import check_loadable
 from finetune.evaluation.report import comparison_rows, text_table, write_outputs
 from finetune.evaluation.run import evaluate
@@ -42,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=invoked_as("evaluate"), description=__doc__.split("\n")[0])
     parser.add_argument("model", help="model folder, Hub id, or adapter folder")
     parser.add_argument("--suite", required=True, help="suite YAML, e.g. eval/bundled.yaml")
-    parser.add_argument("--out", required=True, help="new folder for metrics.json, report.md and the plots")
+    parser.add_argument("--out", help="new folder for metrics.json, report.md and the plots (required but with --plan)")
+    parser.add_argument("--plan", action="store_true", help="print what evaluation needs on one GPU, load nothing")
+    parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB of the GPU --plan assumes (default 80)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out when done")
     parser.add_argument("--baseline", help="a second model or adapter, evaluated on the same suite for comparison")
     parser.add_argument("--reference", help="reference model for preference rewards (default: an adapter's base)")
@@ -51,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # overrides may come after the options
 
     suite = load_suite(args.suite, args.overrides)
+    if args.plan:
+        return print_plan(args, suite)
+    if args.out is None:
+        parser.error("the following arguments are required: --out")
     out = Path(args.out)
     inputs = {"model": args.model, "baseline": args.baseline, "reference": args.reference, "base": args.base,
               "suite": args.suite, **{f"suite file {p}": p for p in suite_files(suite)}}
@@ -73,6 +80,19 @@ def main(argv: list[str] | None = None) -> int:
     print(text_table(header, comparison_rows(columns)))
     plot = out / "router_load.png"
     print(f"wrote {out / 'metrics.json'}, {report}" + (f", {plot}" if plot.is_file() else ""))
+    return 0
+
+
+def print_plan(args, suite) -> int:
+    """`--plan`: the memory evaluation needs on one GPU (finetune/planning/evaluation.py), nothing loaded."""
+    import math
+
+    from finetune.planning.evaluation import evaluation_plan, render
+
+    if not math.isfinite(args.gpu_memory) or args.gpu_memory <= 0:
+        raise InputError(f"--gpu-memory must be a positive number of GiB, got {args.gpu_memory}")
+    plan = evaluation_plan(args.model, args.base, suite.batch_size, suite.max_length, args.gpu_memory)
+    print(render(plan, suite.batch_size, suite.max_length))
     return 0
 
 

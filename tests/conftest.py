@@ -47,6 +47,18 @@ def pretrained_tiny_dir(tmp_path_factory) -> Path:
     return make_tiny_mixtral(tmp_path_factory.mktemp("tiny") / "pretrained", seed=0, pretrain_steps=150)
 
 
+@pytest.fixture
+def cuda_present(monkeypatch):
+    """CUDA's presence faked (torch.cuda.is_available / is_bf16_supported), the one thing this machine cannot
+    provide; everything downstream is the real code."""
+    import peft  # noqa: F401  imported for real first: bitsandbytes loads its CUDA backend when CUDA is present
+    import torch
+    import trl  # noqa: F401
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+
+
 def pytest_collection_modifyitems(config, items):
     """The `gpu` tier is the only one that touches CUDA, and it skips where there is none: each test says why
     it needs one, none has to remember the skip. (The other tiers run on the CPU on any machine: the tiny

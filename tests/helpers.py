@@ -23,8 +23,9 @@ SFT_RECIPE = "recipes/tiny/sft.yaml"
 
 
 def tiny_overrides(model_dir, output_dir, **train):
-    """Overrides that make recipes/tiny/sft.yaml a quick test run."""
-    items = [f"model={model_dir}", f"output_dir={output_dir}", "resume=never", "launch=null", "device=cpu"]
+    """Overrides that make recipes/tiny/sft.yaml (or a GPU recipe) a quick test run on the CPU."""
+    items = [f"model={model_dir}", f"output_dir={output_dir}", "resume=never", "launch=null", "device=cpu",
+             "attn_implementation=sdpa"]
     defaults = {"max_steps": 4, "logging_steps": 1, "eval_strategy": "no", "save_strategy": "no"}
     items += [f"train.{k}={v}" for k, v in {**defaults, **train}.items()]
     return items

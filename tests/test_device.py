@@ -18,15 +18,6 @@ TINY = sorted(str(p.relative_to(Path(__file__).resolve().parents[1])) for p in
               (Path(__file__).resolve().parents[1] / "recipes" / "tiny").glob("*.yaml"))
 
 
-@pytest.fixture
-def cuda_present(monkeypatch):
-    import peft  # noqa: F401  imported for real first: bitsandbytes loads its CUDA backend when CUDA is present
-    import trl  # noqa: F401
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-
-
 def resolved(recipe):
     args = trainer_args(recipe)
     return training_device(recipe), training_dtype(recipe), args.use_cpu, args.bf16

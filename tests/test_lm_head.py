@@ -125,3 +125,32 @@ def test_no_gradient_state_without_grad():
         out = TokenLogProbs.apply(hidden, weight, None, targets, 4, torch.is_grad_enabled())
     assert out.grad_fn is None and not out.requires_grad
     assert math.isfinite(float(out[:, 0].sum()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_trains", [False, True], ids=["lora-frozen-head", "full-trained-head"])
+def test_on_cuda_our_head_equals_trls_triton_head(head_trains, monkeypatch):
+    """On CUDA the trainers keep TRL's Triton head; where Triton is absent ours runs. Both must agree."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    import finetune.model.lm_head as lm_head
+
+    input_ids, attention_mask, labels = (t.cuda() for t in batch())
+    results = {}
+    for ours in (False, True):
+        model = tiny_model(head_trains).cuda()
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        add_fused_lm_head(causal_lm, outputs=("log_probs", "entropy"))  # as TRL's trainers do
+        if ours:  # ours where TRL's Triton head would run
+            monkeypatch.setattr(lm_head, "has_triton", lambda device: False)
+        assert use_compact_lm_head(model) is ours
+        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
+        out.loss.backward()
+        results[ours] = (out, gradients(model))
+    (trl_out, trl_grads), (our_out, our_grads) = results[False], results[True]
+    torch.testing.assert_close(our_out.loss, trl_out.loss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(our_out.log_probs, trl_out.log_probs, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(our_out.entropy, trl_out.entropy, rtol=1e-4, atol=1e-4)
+    assert our_grads.keys() == trl_grads.keys()
+    for name, grad in trl_grads.items():
+        assert ((our_grads[name] - grad).norm() / grad.norm().clamp(min=1e-12)).item() < 1e-3, name

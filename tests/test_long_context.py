@@ -5,6 +5,7 @@ The 2-process sequence-parallel step itself: tests/test_distributed.py."""
 import re
 
 import pytest
+import torch
 
 from finetune.recipe.loading import load_recipe
 from finetune.recipe.schema import RecipeError
@@ -81,12 +82,19 @@ def test_activation_offloading_trains_one_step_on_a_gpu_as_without(tmp_path, tin
 
     from finetune.sft import build
 
-    losses = {}
+    losses, trained = {}, {}
     for offloading in (True, False):
-        overrides = tiny_overrides(tiny_model_dir, tmp_path / str(offloading), max_steps=1)
+        overrides = tiny_overrides(tiny_model_dir, tmp_path / str(offloading), max_steps=1, lr_scheduler_type="constant",
+                                   warmup_steps=0, learning_rate=1e-3)
         trainer, _ = build(load_recipe(SFT, [*overrides, "device=cuda",
                                              f"train.activation_offloading={str(offloading).lower()}"]))
         # The trainer really runs its steps inside TRL's offloading context (and only when asked).
         assert isinstance(trainer.maybe_activation_offload_context, OffloadActivations) is offloading
         losses[offloading] = trainer.train().training_loss
+        trained[offloading] = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    # The step itself: every trained tensor (the routed expert LoRA's, whose backward builds a small graph of its
+    # own, included) moved the same way with and without offloading.
+    assert trained[True].keys() == trained[False].keys()
+    for name, value in trained[False].items():
+        torch.testing.assert_close(trained[True][name], value, rtol=1e-5, atol=1e-6, msg=name)

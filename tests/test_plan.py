@@ -47,8 +47,9 @@ def test_mixtral_8x7b_lora_on_8_gpus_with_zero3(repo_root):
     assert row(out, "trained:") == pytest.approx(trainable * 16 / 8 / GIB, abs=0.006)  # fp32 master, grads, Adam
     block = experts * 3 * hidden * inter + experts * hidden + expert_lora  # one MoE layer with its LoRA
     assert row(out, "ZeRO-3 gather") == pytest.approx(2 * block * 2 / GIB, abs=0.006)  # it and the prefetched next
+    assert "packed row" not in out  # flash_attention_2 takes the samples' boundaries: no mask
     rows = [row(out, label) for label in ("weights", "trained:", "ZeRO-3 gather", "activations", "LM head",
-                                          "packed row", "runtime")]
+                                          "runtime")]
     assert row(out, "total") == pytest.approx(sum(rows), abs=0.03)
     assert "of 80 GiB per GPU: fits" in out
     assert "DOES NOT FIT" in run_plan(repo_root, "recipes/sft.yaml", "--gpus", 1, "--gpu-memory", 80)
@@ -166,10 +167,16 @@ def test_32k_recipe_header_states_what_the_plan_says(repo_root, capsys, monkeypa
     stated_terms = header.replace("\n# ", " ")
     assert f"{row(out, 'activations'):.1f} GiB are activations" in stated_terms
     assert f"{row(out, 'LM head'):.1f} GiB the LM head" in stated_terms
-    assert f"{row(out, 'packed row'):.1f} GiB the packed row's attention mask" in stated_terms
+    # flash_attention_2 takes the packed samples' boundaries: no mask row; sdpa's mask is quadratic in the row.
+    assert "packed row" not in out
+    sdpa = plan_output(["recipes/sft_32k.yaml", "--gpus", "8", "--gpu-memory", "80", "attn_implementation=sdpa"], capsys)
+    assert f"no {row(sdpa, 'packed row'):.1f} GiB row mask, as sdpa needs" in stated_terms
+    assert row(sdpa, "total") == pytest.approx(row(out, "total") + row(sdpa, "packed row"), abs=0.02)
     half = plan_output(["recipes/sft_32k.yaml", "--gpus", "8", "--gpu-memory", "80", "data.max_length=16384"], capsys)
     assert row(out, "activations") == pytest.approx(2 * row(half, "activations"), rel=1e-3)
-    assert row(out, "packed row's attention mask") == pytest.approx(4 * row(half, "packed row's attention mask"), rel=1e-2)
+    half_sdpa = plan_output(["recipes/sft_32k.yaml", "--gpus", "8", "--gpu-memory", "80", "data.max_length=16384",
+                             "attn_implementation=sdpa"], capsys)
+    assert row(sdpa, "packed row") == pytest.approx(4 * row(half_sdpa, "packed row"), rel=1e-2)
     assert row(half, "LM head") < row(out, "LM head") < 2 * row(half, "LM head")  # the tile stays, rows grow
     split = plan_output(["recipes/sft_32k.yaml", "--gpus", "8", "--gpu-memory", "80", "sequence_parallel=2"], capsys)
     assert row(split, "activations") == pytest.approx(row(half, "activations"), rel=1e-6)  # half a row per GPU

@@ -1,9 +1,15 @@
 """A model ready for evaluation or chat: a model folder or Hub id, or an adapter on its recorded base (or
-`--base`), checked before any weight loads, on the GPU in bf16 where there is one."""
+`--base`), checked before any weight loads, on the GPU in bf16 where there is one.
+
+On a GPU the weights are placed by accelerate (`device_map="auto"`): layer by layer on the GPU, and on the CPU
+for what does not fit, so Mixtral 8x7B (87 GiB in bf16) evaluates on one 80 GB GPU instead of failing to load.
+An adapter's expert LoRA runs through the routed kernel (finetune/moe/expert_lora.py), as in training: PEFT's own
+path rebuilds every expert's weight on every forward. A second adapter on the same base (a DPO reference that is
+the SFT adapter) is loaded into the same model and switched to, never as a second copy of the base."""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +33,23 @@ class LoadedModel:
     def without_adapter(self):
         """Context in which the model is its base (the adapter switched off); only for adapters."""
         return self.model.disable_adapter() if self.base is not None else nullcontext()
+
+    @contextmanager
+    def with_adapter(self, folder: str):
+        """Context in which another adapter of the same base replaces this one (loaded beside it, then removed)."""
+        from finetune.moe.expert_lora import use_routed_expert_lora
+
+        self.model.load_adapter(folder, adapter_name=OTHER_ADAPTER)
+        use_routed_expert_lora(self.model)
+        self.model.set_adapter(OTHER_ADAPTER)
+        try:
+            yield self.model
+        finally:
+            self.model.set_adapter("default")
+            self.model.delete_adapter(OTHER_ADAPTER)
+
+
+OTHER_ADAPTER = "other"
 
 
 def eval_device() -> torch.device:
@@ -53,12 +76,16 @@ def load_for_eval(path: str, base: str | None = None) -> LoadedModel:
     check_loadable(path, base)
     device = eval_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    placed = {"device_map": "auto"} if device.type == "cuda" else {}  # GPU first, the rest on the CPU
     if is_adapter_folder(path):
         from peft import PeftModel
 
+        from finetune.moe.expert_lora import use_routed_expert_lora
+
         base = base or adapter_base(path)
         try:
-            model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), path)
+            model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype, **placed), path)
+            use_routed_expert_lora(model)
         except RuntimeError as err:  # PEFT's "size mismatch for ...": the adapter belongs to a base of another shape
             if "size mismatch" not in str(err):
                 raise
@@ -67,6 +94,8 @@ def load_for_eval(path: str, base: str | None = None) -> LoadedModel:
                                    "trained on (--base, or the one it records)") from None
         tokenizer_home = path if (Path(path) / "tokenizer.model").is_file() else base
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placed)
         base, tokenizer_home = None, path
-    return LoadedModel(model.to(device).eval(), ChatEncoder(find_sentencepiece(tokenizer_home)), path, base)
+    if not placed:
+        model = model.to(device)
+    return LoadedModel(model.eval(), ChatEncoder(find_sentencepiece(tokenizer_home)), path, base)

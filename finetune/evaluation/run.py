@@ -15,6 +15,7 @@ from finetune.evaluation.loading import LoadedModel, load_for_eval
 from finetune.evaluation.rules import check_rule, exact_match
 from finetune.evaluation.scoring import generate_replies, heldout_loss, preference_logps
 from finetune.evaluation.suite import Suite, encoded, instruction_rows
+from finetune.files.adapter_folder import adapter_base, is_adapter_folder
 
 
 def reference_logps(loaded: LoadedModel, samples: list[dict], suite: Suite, reference: str | None,
@@ -30,7 +31,10 @@ def reference_logps(loaded: LoadedModel, samples: list[dict], suite: Suite, refe
     if loaded.base is not None and _same(reference, loaded.base):
         with loaded.without_adapter():  # the base is already loaded under the adapter
             return reference, preference_logps(loaded.model, samples, suite.batch_size, "reference", progress)
-    other = load_for_eval(reference)
+    if loaded.base is not None and is_adapter_folder(reference) and _same(adapter_base(reference), loaded.base):
+        with loaded.with_adapter(reference) as model:  # e.g. the SFT adapter as a DPO adapter's reference
+            return reference, preference_logps(model, samples, suite.batch_size, "reference", progress)
+    other = load_for_eval(reference)  # another model: its own weights
     logps = preference_logps(other.model, samples, suite.batch_size, "reference", progress)
     del other
     gc.collect()

@@ -21,7 +21,8 @@ def load_base_model(recipe: Recipe, dtype: torch.dtype | None = None):
 
             model = load_quantized_model(recipe, dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(recipe.model, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(recipe.model, dtype=dtype,
+                                                         attn_implementation=recipe.attn_implementation)
     except OSError as err:
         raise RecipeError(f"{recipe.source}: cannot load model {recipe.model!r}: {err}") from None
     if not moe_blocks(model):

@@ -69,7 +69,7 @@ def load_quantized_model(recipe: Recipe, dtype: torch.dtype, device: torch.devic
     checkpoint = CheckpointFiles(folder)
     config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=recipe.attn_implementation)
 
     for key in OUTSIDE_LAYER_TENSORS:
         if key in checkpoint.where:

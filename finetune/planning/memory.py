@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from finetune.model.attention import packed_rows_need_a_mask
 from finetune.model.lora_targets import group_of, make_trainable, trainable_counts
 from finetune.moe.nf4 import EXPERT_BYTES_PER_WEIGHT, LINEAR_BYTES_PER_WEIGHT
 from finetune.moe.router import moe_blocks
@@ -173,7 +174,7 @@ def estimate(recipe: Recipe, config, counts: Counts, setup: Setup, device: str) 
     plan.rows.append(("activations (estimate, checkpointed)", layers))
     plan.rows.append(("LM head: one tile of logits, trained positions' hidden states", lm_head))
     if packed_mask:
-        plan.rows.append(("packed row's attention mask (sdpa, block-diagonal)", packed_mask))
+        plan.rows.append((f"packed row's attention mask ({recipe.attn_implementation}, block-diagonal)", packed_mask))
     runtime = GPU_RUNTIME_BYTES if gpu else runtime_bytes()
     plan.rows.append(("runtime (CUDA context, buffers)" if gpu else "runtime (interpreter and libraries)", runtime))
     plan.cpu_bytes_per_node = ((counts.total * weight_bytes if off_param else 0)
@@ -203,8 +204,9 @@ def activation_bytes(recipe: Recipe, config, setup: Setup, weight_bytes: int) ->
     # way about 4096 x vocab fp32 numbers, plus each trained position's hidden state and its fp32 gradient.
     trained = tokens * 0.5
     lm_head = min(trained, 4096) * config.vocab_size * 4 + trained * hidden * (weight_bytes + 4)
-    # A packed row under sdpa attends through a block-diagonal boolean mask, one byte per query x key pair.
-    packed_mask = setup.micro_batch * setup.max_length**2 if recipe.kind == "sft" and recipe.data.packing else 0
+    # A packed row under sdpa attends through a block-diagonal boolean mask, one byte per query x key pair;
+    # flash attention takes the rows' boundaries instead (finetune/model/attention.py).
+    packed_mask = setup.micro_batch * setup.max_length**2 if packed_rows_need_a_mask(recipe) else 0
     return checkpoints + attention + experts + router, lm_head, packed_mask
 
 

@@ -127,6 +127,12 @@ class Recipe:
     """Where the pass trains. `auto`: the GPU when there is one (bf16 where it supports it), else the CPU in
     fp32. `cpu`: the CPU in fp32 even on a GPU machine, so a tiny recipe (and every CPU test tier) means the
     same run everywhere. `cuda`: refuse to start where there is no GPU, rather than train on the CPU."""
+    attn_implementation: str = "sdpa"
+    """The attention kernel (transformers' `attn_implementation`). `sdpa`: torch's, anywhere; a packed row then
+    attends through a block-diagonal mask of max_length^2 bytes (finetune.plan counts it). `flash_attention_2`,
+    `flash_attention_3`: flash-attention's variable-length kernels, CUDA and bf16 only, which take packed rows'
+    sequence boundaries (`cu_seq_lens`) and need no mask; from the `flash-attn` package, else the `kernels`
+    package's Hub build. `eager`, or a Hub kernel `org/name` (needs `kernels`). Checked before loading."""
     sequence_parallel: int = 1
     """Split each row's tokens across this many processes (DeepSpeed Ulysses, through accelerate's
     ParallelismConfig): for samples longer than one GPU holds. Attention exchanges heads for tokens, so the

@@ -5,6 +5,7 @@ machine that runs the pass (the model's config, the launched processes) is check
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from finetune.files.hub_ids import is_hub_id, looks_like_hub_id
@@ -32,8 +33,27 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError(f"{src}: dpo.sft_adapter belongs in a DPO recipe")
     if recipe.quantization != "none":
         validate_quantization(recipe)
+    validate_attention(recipe)
     if recipe.sequence_parallel != 1:
         validate_sequence_parallel(recipe)
+
+
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+HUB_KERNEL = re.compile(r"^[\w.-]+/[\w.-]+(@[\w.-]+)?(:\w+)?$")  # transformers' `org/name[@rev][:function]`
+ULYSSES_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3")  # what DeepSpeed's Ulysses wraps
+
+
+def validate_attention(recipe: Recipe) -> None:
+    src, attention = recipe.source, recipe.attn_implementation
+    if attention not in ATTENTION_IMPLEMENTATIONS and not HUB_KERNEL.match(attention):
+        raise RecipeError(f"{src}: attn_implementation={attention!r} is not one of {', '.join(ATTENTION_IMPLEMENTATIONS)} "
+                          "or a Hub kernel org/name (e.g. kernels-community/flash-attn2)")
+    if attention not in ("sdpa", "eager") and recipe.device == "cpu":
+        raise RecipeError(f"{src}: attn_implementation: {attention} runs on CUDA only, and the recipe says device: cpu; "
+                          "set attn_implementation=sdpa")
+    if recipe.sequence_parallel != 1 and attention not in ULYSSES_ATTENTION:
+        raise RecipeError(f"{src}: sequence_parallel wraps {', '.join(ULYSSES_ATTENTION)} attention only, not "
+                          f"attn_implementation: {attention}")
 
 
 def validate_hub(recipe: Recipe) -> None:

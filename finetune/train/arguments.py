@@ -19,6 +19,9 @@ def trainer_args(recipe: Recipe):
         "report_to": "none",
         "gradient_checkpointing": True,
         "logging_first_step": True,  # the first step alone: DPO's must be ln 2, SFT's the base model's loss
+        # Trainer's filter reads every micro-step's loss back to the host (two GPU syncs) to replace a NaN or inf
+        # by the running mean; off, a diverged step shows in the log as what it is.
+        "logging_nan_inf_filter": False,
         **recipe.train,
         "output_dir": recipe.output_dir,
         "max_length": recipe.data.max_length,
@@ -39,7 +42,7 @@ def trainer_args(recipe: Recipe):
     if recipe.sequence_parallel > 1:
         from finetune.train.launch import sequence_parallel_config
 
-        kwargs["parallelism_config"] = sequence_parallel_config(recipe.sequence_parallel)
+        kwargs["parallelism_config"] = sequence_parallel_config(recipe.sequence_parallel, recipe.attn_implementation)
     if training_device(recipe) == "cpu":
         kwargs["use_cpu"] = True
     check_wandb_login(recipe, kwargs.get("report_to"))

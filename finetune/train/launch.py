@@ -50,14 +50,14 @@ def relaunch_with_accelerate(recipe: Recipe, recipe_path: str, overrides: list[s
     return subprocess.call(command, env={**os.environ, "FINETUNE_LAUNCHED": "1"})
 
 
-def sequence_parallel_config(size: int):
+def sequence_parallel_config(size: int, attention: str = "sdpa"):
     """accelerate's ParallelismConfig for DeepSpeed Ulysses over `size` processes: transformers' Trainer hands
     it to accelerate, which registers Ulysses attention and shards each batch's tokens across the group.
     Variable lengths: packed rows and single samples differ from batch to batch."""
     from accelerate.parallelism_config import ParallelismConfig
     from accelerate.utils import DeepSpeedSequenceParallelConfig
 
-    handler = DeepSpeedSequenceParallelConfig(sp_seq_length_is_variable=True, sp_attn_implementation="sdpa")
+    handler = DeepSpeedSequenceParallelConfig(sp_seq_length_is_variable=True, sp_attn_implementation=attention)
     return ParallelismConfig(sp_backend="deepspeed", sp_size=size, sp_handler=handler)
 
 

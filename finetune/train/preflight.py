@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from finetune.files.adapter_folder import ADAPTER_CONFIG, AdapterError, is_adapter_folder, read_adapter_config
 from finetune.files.hub_ids import same_model
+from finetune.model.attention import check_attention_runs_here
 from finetune.model.config import ModelSourceError, model_config
 from finetune.model.device import training_device
 from finetune.model.lora_targets import adapter_groups
@@ -30,6 +31,7 @@ def preflight(recipe: Recipe):
     if problems:
         raise RecipeError(f"{recipe.source}: model {recipe.model}: {problems[0]}")
     check_sft_adapter(recipe)
+    check_attention_runs_here(recipe)
     if recipe.sequence_parallel > 1:
         check_sequence_parallel_runs_here(recipe, config.num_attention_heads)
     if recipe.quantization != "none":

@@ -19,6 +19,7 @@ import torch
 
 from finetune.data.cache import maps_outside_cache
 from finetune.model.lm_head import use_compact_lm_head
+from finetune.model.master_weights import keep_fp32_master_weights
 from finetune.moe.router import RouterTap, policy_logits
 from finetune.moe.router_losses import router_losses
 from finetune.moe.router_stats import entropy_sums, expert_counts, router_summary
@@ -37,6 +38,9 @@ class MoETrainerMixin:
         with maps_outside_cache():  # TRL packs (SFT) or maps the data here: its files stay out of our cache
             super().__init__(*args, **kwargs)
         use_compact_lm_head(self.model)
+        if not self.is_deepspeed_enabled:  # DeepSpeed's bf16 mode keeps its own fp32 copy of what trains
+            # After TRL built the DPO reference (frozen: it stays bf16), before the optimizer exists.
+            keep_fp32_master_weights(self.model)
         self.router_terms = RouterTerms(self.model, moe, self.accelerator.gather)
         self.throughput = Throughput()
 
