@@ -230,10 +230,12 @@ def stage_syncs(work: Path) -> None:
     check(not ours, f"host syncs in finetune/: {ours}")
 
 
+OUR_MODULES = {path.name for path in (ROOT / "finetune").rglob("*.py")}
+
+
 def _is_library_line(line: str) -> bool:
-    """A warning's file name: ours when it is one of finetune/'s modules."""
-    ours = {path.name for path in (ROOT / "finetune").rglob("*.py")}
-    return line.split(":")[0] not in ours
+    """A warning's `file:line`: a library's unless the file is one of finetune/'s modules."""
+    return line.split(":")[0] not in OUR_MODULES
 
 
 def logged(folder: Path, key: str) -> list[float]:

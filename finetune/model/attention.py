@@ -10,10 +10,7 @@ from __future__ import annotations
 
 from finetune.model.device import training_device, use_bf16
 from finetune.recipe.schema import Recipe, RecipeError
-
-MASKED_ATTENTION = ("sdpa", "eager")
-"""The kernels that see a packed row as one sequence plus a block-diagonal mask (transformers builds it from the
-restarting `position_ids`); every other one takes the rows' boundaries (`cu_seq_lens`) and needs no mask."""
+from finetune.recipe.validation import MASKED_ATTENTION
 
 
 def packed_rows_need_a_mask(recipe: Recipe) -> bool:

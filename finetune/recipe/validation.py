@@ -38,7 +38,10 @@ def validate(recipe: Recipe) -> None:
         validate_sequence_parallel(recipe)
 
 
-ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+MASKED_ATTENTION = ("sdpa", "eager")
+"""The kernels that see a packed row as one sequence plus a block-diagonal mask (transformers builds it from the
+restarting `position_ids`); the others take the rows' boundaries (`cu_seq_lens`), need CUDA and need no mask."""
+ATTENTION_IMPLEMENTATIONS = (*MASKED_ATTENTION, "flash_attention_2", "flash_attention_3")
 HUB_KERNEL = re.compile(r"^[\w.-]+/[\w.-]+(@[\w.-]+)?(:\w+)?$")  # transformers' `org/name[@rev][:function]`
 ULYSSES_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3")  # what DeepSpeed's Ulysses wraps
 
@@ -48,7 +51,7 @@ def validate_attention(recipe: Recipe) -> None:
     if attention not in ATTENTION_IMPLEMENTATIONS and not HUB_KERNEL.match(attention):
         raise RecipeError(f"{src}: attn_implementation={attention!r} is not one of {', '.join(ATTENTION_IMPLEMENTATIONS)} "
                           "or a Hub kernel org/name (e.g. kernels-community/flash-attn2)")
-    if attention not in ("sdpa", "eager") and recipe.device == "cpu":
+    if attention not in MASKED_ATTENTION and recipe.device == "cpu":
         raise RecipeError(f"{src}: attn_implementation: {attention} runs on CUDA only, and the recipe says device: cpu; "
                           "set attn_implementation=sdpa")
     if recipe.sequence_parallel != 1 and attention not in ULYSSES_ATTENTION:
