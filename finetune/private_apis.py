@@ -31,6 +31,9 @@ USED = {
     "torch.Tensor._make_wrapper_subclass(cls, shape, dtype, device, requires_grad)": "the 4-bit expert stack "
     "(finetune/moe/nf4.py) is a tensor subclass that holds no dense storage; this is how torch's own subclasses "
     "(and torchao's NF4Tensor) make one",
+    "torch._subclasses.fake_tensor.is_fake(tensor)": "whether a tensor has values to read: the routed expert "
+    "products read their group ends on a CPU (free there, and faster), never on a fake tensor, which stands in "
+    "for a GPU in tests/test_host_syncs.py",
     "torch._C._current_graph_task_id()": "whether a forward is a gradient-checkpointing recompute inside backward, "
     "so router logits are not collected twice",
 }
@@ -51,6 +54,12 @@ def ddp_ignore_parameters(model: torch.nn.Module, names: list[str]) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+
+
+def is_fake_tensor(tensor: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(tensor)
 
 
 def in_backward() -> bool:
@@ -83,6 +92,15 @@ def problems() -> list[str]:
     if torch_grouped_mm() is None:
         found.append("torch has neither torch.nn.functional.grouped_mm nor torch._grouped_mm "
                      "(expert products fall back to one matmul per expert)")
+    try:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode():
+            fake = torch.empty(2)
+        if not is_fake_tensor(fake) or is_fake_tensor(torch.empty(2)):
+            found.append("torch._subclasses.fake_tensor.is_fake no longer tells a fake tensor from a real one")
+    except (ImportError, AttributeError) as err:
+        found.append(f"torch._subclasses.fake_tensor.is_fake failed: {err}")
     try:
         in_backward()
     except AttributeError:

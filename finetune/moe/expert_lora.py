@@ -56,7 +56,7 @@ class _RoutedExpertLinear(torch.autograd.Function):
         thin = None
         if a_t is not None:
             thin = grouped_mm(x, a_t, offsets)  # (rows, r) in x's dtype, whatever the factors' dtype
-            out.add_(grouped_mm(thin, b_t, offsets), alpha=scale)
+            grouped_mm(thin, b_t, offsets, into=out, alpha=scale)
         ctx.save_for_backward(source, a_t, b_t, rows, offsets, thin)
         return out
 
@@ -67,12 +67,12 @@ class _RoutedExpertLinear(torch.autograd.Function):
         lora = a_t is not None
         grad_x = grouped_mm(grad, frozen_weights(ctx.stack, grad.dtype), offsets)
         if lora:
-            g_thin = grouped_mm(grad, b_t.transpose(1, 2), offsets).mul_(ctx.scale)  # (rows, r)
-            grad_x.add_(grouped_mm(g_thin, a_t.transpose(1, 2), offsets))
+            g_thin = grouped_mm(grad, b_t.transpose(1, 2), offsets, alpha=ctx.scale)  # (rows, r)
+            grouped_mm(g_thin, a_t.transpose(1, 2), offsets, into=grad_x)
         grad_a = grad_b = None
         if lora:
             # Weight-gradient form: per expert, its rows' thin^T g (an expert with no rows: 0).
-            grad_b = grouped_mm(thin.T, grad, offsets).mul_(ctx.scale).to(b_t.dtype)
+            grad_b = grouped_mm(thin.T, grad, offsets, alpha=ctx.scale).to(b_t.dtype)
         if rows is not None:  # gate_up: x = source[rows]
             grad_source = torch.zeros_like(source).index_add_(0, rows, grad_x.to(source.dtype))
             if lora:
@@ -89,7 +89,7 @@ class _RoutedExpertLinear(torch.autograd.Function):
             grad_source[block], x = _through_activation(source[block], ctx.act_fn, grad_x[block])
             if lora:
                 ends = (offsets - start).clamp_(0, block.stop - start)
-                grad_a += grouped_mm(x.T, g_thin[block], ends)
+                grouped_mm(x.T, g_thin[block], ends, into=grad_a)
         return grad_source, None, grad_a.to(a_t.dtype) if lora else None, grad_b, None, None, None, None
 
 

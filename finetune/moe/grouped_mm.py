@@ -2,22 +2,28 @@
 
 Why by hand: transformers' dispatcher (`integrations.moe._grouped_mm`) takes only the 3-D form (rows x
 [E, in, out]) and on CPU calls the kernel whatever the strides. The routed expert path also needs the
-weight-gradient form (a 2-D [in, rows] x [rows, out] per group -> [E, in, out]), and a fallback only where
-torch's kernel cannot run.
+weight-gradient form (a 2-D [in, rows] x [rows, out] per group -> [E, in, out]), products added in place
+into an existing tensor, and a loop where torch's kernel cannot run or is not the faster choice.
 
-Both forms take `offsets`, the int32 end of each group, as a device tensor: no value is read back to the
-host, so a training step queues its expert products without waiting for the GPU (torch's kernel reads
-the offsets on the device). The fallback, one matmul per group, reads them once; it runs only where the
-kernel cannot: fp32 on CUDA (the kernel is bf16-only there), a GPU older than sm80, a torch without a CPU
-kernel, or strides that are not multiples of 16 bytes (finetune/model/shapes.py refuses such models for
-training on a GPU).
+Two paths, chosen per call:
+- **The kernel** (torch's grouped mm) takes `offsets`, the int32 end of each group, as a device tensor: no
+  value is read back to the host, so a training step queues its expert products without waiting for the GPU.
+  This is the GPU path. It is also what runs under `FakeTensorMode`, where tensors have no values:
+  tests/test_host_syncs.py runs the MoE layer there as the GPU's stand-in.
+- **One matmul per group** reads the ends once. On a real CPU tensor that read waits for nothing, and the
+  loop is the faster path there: it adds into the output in place (`addmm_`), where the kernel returns a
+  fresh tensor to add, and on the CPU a fresh tensor of the routed rows' size is fresh pages from the OS
+  (benchmarks/README.md, "sft_step": one layer's forward and backward, 0.87 s with the kernel, 0.80 s
+  looping). Elsewhere it runs only where the kernel cannot: fp32 on CUDA (the kernel is bf16-only there),
+  a GPU older than sm80, or strides that are not multiples of 16 bytes (finetune/model/shapes.py refuses
+  such models on a GPU).
 """
 
 from __future__ import annotations
 
 import torch
 
-from finetune.private_apis import torch_grouped_mm
+from finetune.private_apis import is_fake_tensor, torch_grouped_mm
 
 _kernel = torch_grouped_mm()
 
@@ -29,16 +35,25 @@ def group_ends(sorted_ids: torch.Tensor, groups: int) -> torch.Tensor:
     return torch.searchsorted(sorted_ids, values, right=True).to(torch.int32)
 
 
-def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, *, into: torch.Tensor | None = None,
+               alpha: float = 1.0) -> torch.Tensor:
     """Per group g (rows offsets[g-1]:offsets[g]):
     - a [rows, in] x b [E, in, out] -> [rows, out]: each group's rows times b[g];
     - a [in, rows] x b [rows, out] -> [E, in, out]: each group's columns of a times its rows of b (a
       weight gradient; an empty group gives zeros).
-    b is cast to a's dtype."""
+    b is cast to a's dtype. With `into`, alpha times the product is added to it in place, and it is returned."""
     b = b.to(a.dtype)
-    if _kernel is not None and kernel_takes(a, b):
-        return _kernel(a, b, offs=offsets)
-    return _one_group_at_a_time(a, b, offsets)
+    if ends_are_free(offsets) or not (_kernel is not None and kernel_takes(a, b)):
+        return one_group_at_a_time(a, b, offsets.tolist(), into, alpha)
+    product = _kernel(a, b, offs=offsets)
+    if into is None:
+        return product if alpha == 1.0 else product.mul_(alpha)
+    return into.add_(product, alpha=alpha)
+
+
+def ends_are_free(offsets: torch.Tensor) -> bool:
+    """Whether reading the group ends costs nothing: a CPU tensor that holds values (not a fake one)."""
+    return offsets.device.type == "cpu" and not is_fake_tensor(offsets)
 
 
 def kernel_takes(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -57,16 +72,32 @@ def aligned(t: torch.Tensor) -> bool:
     return all(stride == 1 or stride * size % 16 == 0 for stride in t.stride())
 
 
-def _one_group_at_a_time(a, b, offsets):
-    ends = offsets.tolist()  # the one host read, where the kernel cannot run
-    starts = [0, *ends[:-1]]
-    if b.dim() == 3:
-        out = a.new_zeros(a.shape[0], b.shape[-1])
-        for group, (start, end) in enumerate(zip(starts, ends)):
-            if end > start:
-                out[start:end] = a[start:end] @ b[group]
-        return out
-    return torch.stack([a[:, start:end] @ b[start:end] for start, end in zip(starts, ends)])
+def one_group_at_a_time(a, b, ends: list[int], into=None, alpha: float = 1.0) -> torch.Tensor:
+    """`grouped_mm` as one matmul per group, with the ends read: written into a new tensor, or added in
+    place (`addmm_`) into `into`."""
+    rows_form = b.dim() == 3
+    fresh = into is None
+    if fresh:
+        shape = (a.shape[0], b.shape[-1]) if rows_form else (len(ends), a.shape[0], b.shape[-1])
+        into = a.new_empty(shape)
+        if rows_form:
+            into[ends[-1] if ends else 0:].zero_()  # rows past the last group (none when the ends cover all)
+    for group, (start, end) in enumerate(zip([0, *ends[:-1]], ends)):
+        target = into[start:end] if rows_form else into[group]
+        left, right = (a[start:end], b[group]) if rows_form else (a[:, start:end], b[start:end])
+        if fresh:
+            if end <= start:
+                target.zero_()  # an empty group: no rows (rows form), or a zero weight gradient
+            else:
+                torch.mm(left, right, out=target)
+                if alpha != 1.0:
+                    target.mul_(alpha)
+        elif end > start:
+            if target.dtype == left.dtype:
+                target.addmm_(left, right, alpha=alpha)
+            else:
+                target.add_(left @ right, alpha=alpha)
+    return into
 
 
 def _cpu_kernel() -> bool:
