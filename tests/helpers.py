@@ -10,6 +10,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -61,6 +62,23 @@ def run_command(args: list[str], cwd=ROOT, env: dict | None = None, timeout: int
     command = [str(FINETUNE), *args[1:]] if args[0] == "finetune" else [sys.executable, "-m", *map(str, args)]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
+
+
+def run_here(capsys, argv: list[str]) -> SimpleNamespace:
+    """`finetune ARGV` in this process, as the console script runs it (errors caught to one line), run from
+    the repository root: its exit code, stdout and stderr, in the shape of `run_command`'s result. A process
+    start costs seconds of imports; the refusals it runs are the same code."""
+    from finetune.cli import main
+
+    capsys.readouterr()
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        code = main([str(arg) for arg in argv])
+    finally:
+        os.chdir(cwd)
+    captured = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
 
 
 def assert_refused(proc: subprocess.CompletedProcess, names: str, code: int = 2) -> str:

@@ -5,7 +5,7 @@ import json
 import torch
 
 from finetune.model.tiny import checkpoint_keys, make_tiny_mixtral
-from helpers import run_command, tiny_overrides
+from helpers import run_here, tiny_overrides
 
 
 def test_tiny_checkpoint_layout_and_loading(tiny_model_dir):
@@ -42,12 +42,12 @@ def test_tiny_checkpoint_is_seeded(tmp_path, tiny_model_dir):
     assert not torch.equal(first["model.layers.0.block_sparse_moe.gate.weight"], other["model.layers.0.block_sparse_moe.gate.weight"])
 
 
-def run_check(repo_root, *args):
-    return run_command(["finetune.check", *args], repo_root)
+def run_check(capsys, *args):
+    return run_here(capsys, ["check", *args])
 
 
-def test_check_shows_counts_lengths_and_marked_sample(repo_root, tiny_model_dir, tmp_path):
-    proc = run_check(repo_root, "recipes/tiny/sft.yaml", f"model={tiny_model_dir}", "data.packing=true",
+def test_check_shows_counts_lengths_and_marked_sample(capsys, tiny_model_dir, tmp_path):
+    proc = run_check(capsys, "recipes/tiny/sft.yaml", f"model={tiny_model_dir}", "data.packing=true",
                      f"output_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
@@ -61,12 +61,12 @@ def test_check_shows_counts_lengths_and_marked_sample(repo_root, tiny_model_dir,
         assert "[INST]" not in marked.split("⟧")[0]
 
 
-def test_check_counts_over_length_samples(repo_root, tiny_model_dir, tmp_path):
-    proc = run_check(repo_root, "recipes/tiny/sft.yaml", f"model={tiny_model_dir}", "data.max_length=40",
+def test_check_counts_over_length_samples(capsys, tiny_model_dir, tmp_path):
+    proc = run_check(capsys, "recipes/tiny/sft.yaml", f"model={tiny_model_dir}", "data.max_length=40",
                      f"output_dir={tmp_path}")
     assert proc.returncode == 2
     assert "too long" in proc.stderr and "data.max_length=40" in proc.stderr
-    proc = run_check(repo_root, "recipes/tiny/sft.yaml", f"model={tiny_model_dir}", "data.max_length=40",
+    proc = run_check(capsys, "recipes/tiny/sft.yaml", f"model={tiny_model_dir}", "data.max_length=40",
                      "data.on_bad_rows=skip", f"output_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
     too_long = int(proc.stdout.split("max_length 40 tokens: ")[1].split(" ")[0])
@@ -74,16 +74,15 @@ def test_check_counts_over_length_samples(repo_root, tiny_model_dir, tmp_path):
     assert f"skipped    {too_long} bad row(s)" in proc.stdout
 
 
-def test_check_dpo_recipe_needs_the_sft_adapter_and_shows_pairs(repo_root, tiny_model_dir, tmp_path):
-    
+def test_check_dpo_recipe_needs_the_sft_adapter_and_shows_pairs(capsys, tiny_model_dir, tmp_path):
     from finetune.sft import main as sft_main
 
     common = [f"model={tiny_model_dir}", f"output_dir={tmp_path / 'dpo'}"]
-    proc = run_check(repo_root, "recipes/tiny/dpo.yaml", *common, f"dpo.sft_adapter={tmp_path / 'sft'}")
+    proc = run_check(capsys, "recipes/tiny/dpo.yaml", *common, f"dpo.sft_adapter={tmp_path / 'sft'}")
     assert proc.returncode == 2  # what finetune.dpo refuses before loading, refused here too
     assert f"dpo.sft_adapter='{tmp_path / 'sft'}' holds no adapter_config.json (run SFT first)" in proc.stderr
     assert sft_main(["recipes/tiny/sft.yaml", *tiny_overrides(tiny_model_dir, tmp_path / "sft", max_steps=1)]) == 0
-    proc = run_check(repo_root, "recipes/tiny/dpo.yaml", *common, f"dpo.sft_adapter={tmp_path / 'sft'}")
+    proc = run_check(capsys, "recipes/tiny/dpo.yaml", *common, f"dpo.sft_adapter={tmp_path / 'sft'}")
     assert proc.returncode == 0, proc.stderr
     assert "2200 read, 2000 train samples, 200 eval samples" in proc.stdout
     assert "packing    off: DPO keeps each pair whole" in proc.stdout
@@ -95,7 +94,7 @@ def test_check_dpo_recipe_needs_the_sft_adapter_and_shows_pairs(repo_root, tiny_
         assert reply.startswith("⟦ ") and reply.rstrip().endswith("</s>⟧") and reply.count("⟦") == 1
 
 
-def test_check_missing_tiny_model_says_how_to_make_it(repo_root, tmp_path):
-    proc = run_check(repo_root, "recipes/tiny/sft.yaml", f"model={tmp_path}/absent/model")
+def test_check_missing_tiny_model_says_how_to_make_it(capsys, tmp_path):
+    proc = run_check(capsys, "recipes/tiny/sft.yaml", f"model={tmp_path}/absent/model")
     assert proc.returncode == 2
     assert "python -m finetune.tiny" in proc.stderr and "Traceback" not in proc.stderr

@@ -10,7 +10,7 @@ from finetune.dpo import main as dpo_main
 from finetune.recipe.loading import load_recipe
 from finetune.recipe.schema import RecipeError
 from finetune.sft import main as sft_main
-from helpers import log_history, tiny_overrides
+from helpers import ROOT, log_history, tiny_overrides
 
 
 def recipe_aux_coef() -> float:
@@ -46,6 +46,10 @@ def first_log(out):
 def test_first_step_is_ln2_with_zero_margin(tiny_model_dir, sft_adapter, tmp_path, precompute):
     out = tmp_path / "dpo"
     overrides = dpo_overrides(tiny_model_dir, sft_adapter, out, precompute_ref_log_probs=precompute)
+    if precompute:  # TRL scores the reference over every pair first: 16 pairs, not 2000, make the same first step
+        rows = tmp_path / "pairs.jsonl"
+        rows.write_text("".join((ROOT / "data/preferences/train.jsonl").read_text().splitlines(True)[:16]))
+        overrides += [f"data.train=[{{path: {rows}}}]", "data.eval=[]", "data.eval_fraction=0"]
     assert dpo_main(["recipes/tiny/dpo.yaml", *overrides]) == 0
     log = first_log(out)
     assert log["dpo_loss"] == pytest.approx(LN2, abs=1e-3)

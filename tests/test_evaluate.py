@@ -226,6 +226,7 @@ def test_evaluate_rejects_a_missing_model_with_a_clear_message(tmp_path, capsys)
     assert not (tmp_path / "o").exists()  # refused before anything was written
 
 
+@pytest.mark.slow  # pretrains a tiny model and trains it twice (about 40 s)
 def test_load_balancing_loss_lowers_heldout_maxvio(pretrained_tiny_dir, tmp_path):
     """The same tiny SFT run with the aux loss off and on: the held-out router imbalance is lower with it."""
     maxvio = {}

@@ -102,6 +102,7 @@ def test_model_card_records_the_run(adapter_dir):
     assert str(adapter_dir.parent) not in card and "data/chat" not in card
 
 
+@pytest.mark.slow  # two trainings, each its own process (about 25 s)
 def test_recipe_pushes_at_the_end_of_training(tiny_model_dir, tmp_path, repo_root):
     from finetune.errors import EXIT_PUSH_FAILED
 

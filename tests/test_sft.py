@@ -254,6 +254,7 @@ def wandb_history(run_file: Path) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow  # a training in its own process with wandb (about 13 s)
 def test_wandb_offline_run_receives_metrics(tiny_model_dir, tmp_path, repo_root):
     import os
     import subprocess
