@@ -167,12 +167,6 @@ def random_conversation(rng: random.Random, lookalikes: bool = False, end_with_a
 
 
 def refused_here(capsys, argv: list[str], names: str, code: int = 2) -> str:
-    """`finetune ARGV` run in this process ended with exactly one `error:` line containing `names` and exit
-    `code` (any other exception would fail the test with its traceback)."""
-    from finetune.cli import main
-
-    assert main(argv) == code
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and names in errors[0], err[-3000:]
-    return errors[0]
+    """`finetune ARGV` run in this process ended with exactly one `error:` line containing `names`, exit `code`
+    and no traceback (any other exception would fail the test with its traceback)."""
+    return assert_refused(run_here(capsys, argv), names, code)

@@ -84,19 +84,15 @@ def one_group_at_a_time(a, b, ends: list[int], into=None, alpha: float = 1.0) ->
             into[ends[-1] if ends else 0:].zero_()  # rows past the last group (none when the ends cover all)
     for group, (start, end) in enumerate(zip([0, *ends[:-1]], ends)):
         target = into[start:end] if rows_form else into[group]
-        left, right = (a[start:end], b[group]) if rows_form else (a[:, start:end], b[start:end])
-        if fresh:
-            if end <= start:
+        if end <= start:
+            if fresh:
                 target.zero_()  # an empty group: no rows (rows form), or a zero weight gradient
-            else:
-                torch.mm(left, right, out=target)
-                if alpha != 1.0:
-                    target.mul_(alpha)
-        elif end > start:
-            if target.dtype == left.dtype:
-                target.addmm_(left, right, alpha=alpha)
-            else:
-                target.add_(left @ right, alpha=alpha)
+            continue
+        left, right = (a[start:end], b[group]) if rows_form else (a[:, start:end], b[start:end])
+        if target.dtype == left.dtype:
+            target.addmm_(left, right, beta=0.0 if fresh else 1.0, alpha=alpha)  # beta 0: the empty memory is ignored
+        else:  # `into` kept in another dtype (a float32 gradient of bf16 products)
+            target.add_(left @ right, alpha=alpha)
     return into
 
 
