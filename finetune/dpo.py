@@ -123,7 +123,7 @@ def build(recipe: Recipe, args=None):
     pairs = load_data(recipe, args, encoder)
     # Policy = reference = the SFT policy at step 0 (TRL copies the adapter), so the first loss is ln 2.
     set_seed(args.seed)
-    policy = prepare_for_launch(load_policy(recipe))
+    policy = prepare_for_launch(load_policy(recipe), recipe)
     announce(policy, recipe, args, pairs)
     trainer = MoEDPOTrainer(model=policy, args=args, **trainer_inputs(recipe, pairs, encoder))
     return trainer, encoder

@@ -3,7 +3,7 @@
 Only where nothing public does the job. `problems()` says which of them a pinned library release has
 changed (tests/test_private_apis.py runs it), so an upgrade fails with the API's name, not deep inside
 a training run. The method overrides (`_save`, `_prepare_dataset`, `_precompute_ref_logps`) live in
-finetune/dpo.py; the functions below are the only way the rest of the package reaches the others.
+finetune/dpo.py, `_clip_grad_norm` in finetune/train/trainer.py; the functions below are the only way the rest of the package reaches the others.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ USED = {
     "torch._subclasses.fake_tensor.is_fake(tensor)": "whether a tensor has values to read: the routed expert "
     "products read their group ends on a CPU (free there, and faster), never on a fake tensor, which stands in "
     "for a GPU in tests/test_host_syncs.py",
+    "transformers Trainer._clip_grad_norm(model)": "under expert parallelism, clip by one norm over every expert "
+    "(each process holds different ones, so each process's own norm would clip the shared weights differently)",
     "torch._C._current_graph_task_id()": "whether a forward is a gradient-checkpointing recompute inside backward, "
     "so router logits are not collected twice",
 }
@@ -107,6 +109,13 @@ def problems() -> list[str]:
         found.append("torch._C._current_graph_task_id is gone")
     if not callable(getattr(torch.Tensor, "_make_wrapper_subclass", None)):
         found.append("torch.Tensor._make_wrapper_subclass is gone (the 4-bit expert stacks cannot be built)")
+    from transformers import Trainer
+
+    clip = getattr(Trainer, "_clip_grad_norm", None)
+    if clip is None or list(inspect.signature(clip).parameters) != ["self", "model"]:
+        found.append("transformers Trainer._clip_grad_norm(model) is gone or changed (expert-parallel clipping)")
+    elif "self._clip_grad_norm(" not in inspect.getsource(Trainer):
+        found.append("transformers Trainer no longer clips through self._clip_grad_norm (expert-parallel clipping)")
     from torch.nn.parallel import DistributedDataParallel
 
     setter = getattr(DistributedDataParallel, "_set_params_and_buffers_to_ignore_for_model", None)

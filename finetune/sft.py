@@ -44,7 +44,7 @@ def build(recipe: Recipe, args=None):
     # Model: the base frozen, LoRA (or full training) on the `trainable` groups. Seeded first: PEFT draws a
     # fresh adapter's initialisation from the global RNG.
     set_seed(args.seed)
-    model = prepare_for_launch(make_trainable(load_base_model(recipe), recipe))
+    model = prepare_for_launch(make_trainable(load_base_model(recipe), recipe), recipe)
     announce(model, recipe, args, data)
     return MoESFTTrainer(model=model, args=args, **trainer_inputs(recipe, data, encoder)), encoder
 

@@ -33,6 +33,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def four_rows(tmp_path_factory):
+    """Training data whose size is the global batch: every step sees all of it, on 1 or 2 processes."""
+    path = tmp_path_factory.mktemp("data") / "four.jsonl"
+    lines = (ROOT / "data" / "chat" / "train.jsonl").read_text().splitlines()
+    path.write_text("\n".join(lines[:4]) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
 def encoder():
     from finetune.data.chat_format import ChatEncoder, bundled_sentencepiece_path
 

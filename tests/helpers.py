@@ -42,6 +42,40 @@ def make_trainer(model_dir, out, *extra, **train):
     return recipe, trainer, encoder
 
 
+def overrides_for(model_dir, out, data, *extra, **train):
+    """`tiny_overrides` with `data` as the only training file and a constant learning rate (3 steps)."""
+    base = {"max_steps": 3, "learning_rate": 0.01, "warmup_steps": 0, "lr_scheduler_type": "constant"}
+    items = tiny_overrides(model_dir, out, **{**base, **train})
+    return items + [f"data.train=[{{path: {data}}}]", "data.eval=[]", "data.eval_fraction=0", *extra]
+
+
+def launch(kind, recipe, overrides, config="recipes/accelerate/cpu_zero3.yaml", timeout=600):
+    """One pass on the 2 CPU processes of an accelerate `config`, through tests/zero3_driver.py (which also
+    writes what each rank holds); a hang (e.g. mismatched collectives) fails at the timeout."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = ["accelerate", "launch", "--config_file", config, "tests/zero3_driver.py", kind, recipe,
+               *map(str, overrides)]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def assert_same_as_one_process(launched, model_dir, data, common, single):
+    """The 2-process run (micro-batch 2) trained what one process with micro-batch 4 trains."""
+    import pytest
+    from safetensors.torch import load_file
+
+    from finetune.sft import main as sft_main
+
+    assert sft_main([SFT_RECIPE, *overrides_for(model_dir, single, data, *common, per_device_train_batch_size=4)]) == 0
+    a, b = load_file(launched / "adapter_model.safetensors"), load_file(single / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5, msg=key)
+    losses = lambda out: [h["loss"] for h in log_history(out) if "loss" in h]  # noqa: E731
+    assert losses(launched) == pytest.approx(losses(single), rel=1e-4)
+
+
 def log_history(folder) -> list[dict]:
     """The log lines a finished run wrote (`trainer_state.json`'s `log_history`)."""
     return json.loads((Path(folder) / "trainer_state.json").read_text())["log_history"]

@@ -11,38 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import log_history, tiny_overrides
+from helpers import assert_same_as_one_process, launch, log_history, overrides_for, tiny_overrides
 
 pytestmark = pytest.mark.distributed
 
 ROOT = Path(__file__).resolve().parent.parent
-LAUNCH = ["accelerate", "launch", "--config_file", "recipes/accelerate/cpu_zero3.yaml"]
-
-
-def launch(kind, recipe, overrides, timeout=600):
-    """One pass on 2 processes; a hang (e.g. mismatched ZeRO-3 gathers) fails at the timeout."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [*LAUNCH, "tests/zero3_driver.py", kind, recipe, *map(str, overrides)]
-    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
-
-
-@pytest.fixture(scope="module")
-def four_rows(tmp_path_factory):
-    """Training data whose size is the global batch: every step sees all of it, on 1 or 2 processes."""
-    path = tmp_path_factory.mktemp("data") / "four.jsonl"
-    lines = (ROOT / "data" / "chat" / "train.jsonl").read_text().splitlines()
-    path.write_text("\n".join(lines[:4]) + "\n")
-    return path
-
-
-def overrides_for(model_dir, out, data, *extra, **train):
-    base = {"max_steps": 3, "learning_rate": 0.01, "warmup_steps": 0, "lr_scheduler_type": "constant"}
-    items = tiny_overrides(model_dir, out, **{**base, **train})
-    return items + [f"data.train=[{{path: {data}}}]", "data.eval=[]", "data.eval_fraction=0", *extra]
-
-
 @pytest.fixture(scope="module")
 def zero3_aux_on(tiny_model_dir, four_rows, tmp_path_factory):
     """Also tokenizes into a fresh data cache; the launch's output is kept next to the run folder."""
@@ -95,19 +68,6 @@ def test_zero3_matches_single_process_with_same_global_batch(tiny_model_dir, fou
     sharded = tmp_path / "zero3"
     launch("sft", "recipes/tiny/sft.yaml", overrides_for(tiny_model_dir, sharded, four_rows, *common, per_device_train_batch_size=2))
     assert_same_as_one_process(sharded, tiny_model_dir, four_rows, common, tmp_path / "single")
-
-
-def assert_same_as_one_process(launched, model_dir, data, common, single):
-    """The 2-process run (micro-batch 2) trained what one process with micro-batch 4 trains."""
-    from finetune.sft import main as sft_main
-
-    assert sft_main(["recipes/tiny/sft.yaml", *overrides_for(model_dir, single, data, *common, per_device_train_batch_size=4)]) == 0
-    a, b = load_file(launched / "adapter_model.safetensors"), load_file(single / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5, msg=key)
-    losses = lambda out: [h["loss"] for h in log_history(out) if "loss" in h]  # noqa: E731
-    assert losses(launched) == pytest.approx(losses(single), rel=1e-4)
 
 
 def test_ddp_with_a_4bit_base_matches_single_process_with_same_global_batch(tiny_model_dir, four_rows, tmp_path):

@@ -3,7 +3,7 @@
     accelerate launch --config_file recipes/accelerate/cpu_zero3.yaml tests/zero3_driver.py sft RECIPE [overrides]
 
 Besides the pass's own outputs, writes `rank{N}.json` into output_dir: the local and full size of every
-ZeRO-3 partitioned parameter, which experts each layer's router sent this rank's tokens to in the first
+ZeRO-3 partitioned parameter, the size and sum of every expert-parallel shard, the parameters the rank holds, which experts each layer's router sent this rank's tokens to in the first
 step, the ZeRO-3 leaf modules, and the peak resident memory.
 """
 
@@ -35,7 +35,8 @@ def main():
             if not experts_hit:
                 experts_hit.append([])
             logits = output[0] if isinstance(output, tuple) else output
-            top = logits.topk(2, dim=-1).indices.flatten()
+            with torch.no_grad():  # saves nothing for backward, so a checkpointed recompute (no record) matches
+                top = logits.topk(2, dim=-1).indices.flatten()
             experts_hit[-1].append(torch.bincount(top, minlength=logits.shape[-1]).tolist())
 
     from finetune.moe.router import moe_blocks
@@ -57,6 +58,12 @@ def main():
         "leaf_modules": sorted(
             {type(m).__name__ for m in trainer.model.modules() if getattr(m, "_z3_leaf", False)}
         ),
+        "expert_shards": {  # expert parallelism: what each rank's experts hold (finetune/moe/expert_shards.py)
+            name: [p.numel(), p.detach().double().sum().item()]
+            for name, p in trainer.model.named_parameters()
+            if getattr(p, "expert_shard", None) is not None
+        },
+        "parameters": sum(p.numel() for p in trainer.model.parameters()),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "world_size": trainer.accelerator.num_processes,
     }

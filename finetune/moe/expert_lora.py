@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from finetune.files.adapter_folder import expert_factors
+from finetune.moe.expert_parallel import run_on_owners
 from finetune.moe.grouped_mm import group_ends, grouped_mm
 from finetune.moe.nf4 import NF4ExpertStack
 
@@ -73,11 +74,15 @@ class _RoutedExpertLinear(torch.autograd.Function):
         if lora:
             # Weight-gradient form: per expert, its rows' thin^T g (an expert with no rows: 0).
             grad_b = grouped_mm(thin.T, grad, offsets, alpha=ctx.scale).to(b_t.dtype)
+        # A trainable stack (full fine-tuning under expert parallelism): per expert, its rows' grad^T x.
+        grad_w = torch.zeros(ctx.stack.shape, dtype=torch.float32, device=grad.device) if ctx.needs_input_grad[1] else None
         if rows is not None:  # gate_up: x = source[rows]
             grad_source = torch.zeros_like(source).index_add_(0, rows, grad_x.to(source.dtype))
             if lora:
                 grad_a = grouped_mm(source[rows].T, g_thin, offsets).to(a_t.dtype)
-            return grad_source, None, grad_a, grad_b, None, None, None, None
+            if grad_w is not None:
+                grouped_mm(grad.T, source[rows].to(grad.dtype), offsets, into=grad_w)
+            return grad_source, _as(grad_w, ctx.stack), grad_a, grad_b, None, None, None, None
         # down: x = act(gate) * up, rebuilt and differentiated here a block of rows at a time, so neither x
         # nor the activation's intermediates exist for all routed rows at once (the block count is the expert
         # count, from shapes only: no host read). A block's share of grad_a uses the group ends shifted into it.
@@ -87,10 +92,17 @@ class _RoutedExpertLinear(torch.autograd.Function):
         for start in range(0, total, size):
             block = slice(start, min(start + size, total))
             grad_source[block], x = _through_activation(source[block], ctx.act_fn, grad_x[block])
+            ends = (offsets - start).clamp_(0, block.stop - start)
             if lora:
-                ends = (offsets - start).clamp_(0, block.stop - start)
                 grouped_mm(x.T, g_thin[block], ends, into=grad_a)
-        return grad_source, None, grad_a.to(a_t.dtype) if lora else None, grad_b, None, None, None, None
+            if grad_w is not None:
+                grouped_mm(grad[block].T, x.to(grad.dtype), ends, into=grad_w)
+        return (grad_source, _as(grad_w, ctx.stack), grad_a.to(a_t.dtype) if lora else None, grad_b,
+                None, None, None, None)
+
+
+def _as(grad_w, stack):
+    return None if grad_w is None else grad_w.to(stack.dtype)
 
 
 def _through_activation(source, act_fn, grad_x):
@@ -137,9 +149,16 @@ def routed_experts_forward(experts: nn.Module, hidden_states, top_k_index, top_k
     top_k = top_k_index.shape[-1]
     expert_ids, order = torch.sort(top_k_index.reshape(-1))
     rows = order // top_k
-    offsets = group_ends(expert_ids, experts.num_experts)
-    gate_up = _project(hidden_states, experts.gate_up_proj, gate_up_lora, rows, offsets, None)
-    out = _project(gate_up, experts.down_proj, down_lora, None, offsets, experts.act_fn)
+
+    def local_experts(source, rows, offsets):
+        gate_up = _project(source, experts.gate_up_proj, gate_up_lora, rows, offsets, None)
+        return _project(gate_up, experts.down_proj, down_lora, None, offsets, experts.act_fn)
+
+    shard = getattr(experts, "expert_shard", None)  # expert parallel: finetune/moe/expert_shards.py
+    if shard is None:
+        out = local_experts(hidden_states, rows, group_ends(expert_ids, experts.num_experts))
+    else:  # the rows travel to their experts' process and back (finetune/moe/expert_parallel.py)
+        out = run_on_owners(hidden_states[rows], expert_ids, shard, local_experts)
     out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
     # Back to token order, then sum each token's k expert outputs (fp32 like transformers' reduction).
     unsorted = torch.empty_like(out).index_copy_(0, order, out)

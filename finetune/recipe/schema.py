@@ -138,6 +138,13 @@ class Recipe:
     ParallelismConfig): for samples longer than one GPU holds. Attention exchanges heads for tokens, so the
     model's query heads must divide by it (Mixtral's 32: 2, 4, 8); the processes must divide by it too.
     SFT under a DeepSpeed launch only."""
+    expert_parallel: int = 1
+    """Split every layer's experts across this many processes (expert parallelism): each keeps E/N experts
+    and the routed tokens travel to them and back (finetune/moe/expert_parallel.py), where ZeRO-3 would have
+    every process gather every expert each micro-step. Runs under plain data parallel (DDP:
+    recipes/accelerate/ep8.yaml for one node of 8 GPUs, ep_multinode.yaml past one node), which carries the
+    attention, router and embeddings; N must divide the model's experts and the processes. SFT, with LoRA
+    (the saved adapter is the one-process adapter) or full training."""
     kind: Literal["sft", "dpo"] = "sft"
     """Which pass the recipe is for; `python -m finetune.sft` refuses a `dpo` recipe and vice versa."""
     tokenizer: str | None = None

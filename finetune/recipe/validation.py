@@ -36,6 +36,8 @@ def validate(recipe: Recipe) -> None:
     validate_attention(recipe)
     if recipe.sequence_parallel != 1:
         validate_sequence_parallel(recipe)
+    if recipe.expert_parallel != 1:
+        validate_expert_parallel(recipe)
 
 
 MASKED_ATTENTION = ("sdpa", "eager")
@@ -148,3 +150,33 @@ def validate_sequence_parallel(recipe: Recipe) -> None:
     if processes % sp:
         raise RecipeError(f"{src}: sequence_parallel: {sp} must divide the processes of {recipe.launch} "
                           f"(num_processes: {processes})")
+
+
+def validate_expert_parallel(recipe: Recipe) -> None:
+    src, ep = recipe.source, recipe.expert_parallel
+    what = f"expert_parallel: {ep}"
+    if ep < 1:
+        raise RecipeError(f"{src}: expert_parallel must be >= 1, got {ep}")
+    if recipe.kind != "sft":
+        raise RecipeError(f"{src}: {what} is for SFT only: TRL builds DPO's reference adapter after the experts are "
+                          "split, and DDP's start-up broadcast would give every process rank 0's reference experts. "
+                          "Set expert_parallel=1 (a ZeRO-3 launch for DPO: recipes/accelerate/zero3.yaml)")
+    if recipe.quantization != "none":
+        raise RecipeError(f"{src}: {what} with quantization: {recipe.quantization} is not supported (the 4-bit expert "
+                          "stacks are not cut per process); use quantization: none, or expert_parallel=1")
+    if recipe.sequence_parallel != 1:
+        raise RecipeError(f"{src}: {what} with sequence_parallel: {recipe.sequence_parallel} is not supported "
+                          "(sequence parallelism runs under DeepSpeed, expert parallelism under DDP); set one of them to 1")
+    if recipe.method == "lora" and "experts" in recipe.trainable and recipe.lora.expert_kernel != "routed":
+        raise RecipeError(f"{src}: {what} needs lora.expert_kernel: routed (the kernel that sends each process's "
+                          "routed tokens to their experts); remove lora.expert_kernel: peft")
+    if recipe.launch is None:  # `accelerate launch` itself may bring DeepSpeed or another count: checked at preflight
+        return
+    if uses_deepspeed(recipe.launch):
+        raise RecipeError(f"{src}: {what} runs under plain data parallel, not DeepSpeed (launch={recipe.launch}): ZeRO "
+                          "treats every parameter as the same tensor on every process, and each process's experts "
+                          "differ. Set launch: recipes/accelerate/ep8.yaml (one node of 8 GPUs) or "
+                          "recipes/accelerate/ep_multinode.yaml")
+    processes = launch_processes(recipe.launch)
+    if processes % ep:
+        raise RecipeError(f"{src}: {what} must divide the processes of {recipe.launch} (num_processes: {processes})")

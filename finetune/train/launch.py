@@ -1,6 +1,7 @@
 """Where ZeRO-3 and the other launch modes are configured in code: relaunching a pass under `accelerate
 launch` with the recipe's `launch` file, what a launched process is (rank, DeepSpeed or not), DeepSpeed
-Ulysses sequence parallelism, ZeRO-3 leaf modules for the MoE blocks, and DDP with a 4-bit base.
+Ulysses sequence parallelism, ZeRO-3 leaf modules for the MoE blocks, and what DDP leaves alone (a 4-bit
+base, expert-parallel shards).
 
 The accelerate files themselves are recipes/accelerate/*.yaml (read by finetune/recipe/launch_file.py).
 """
@@ -77,6 +78,26 @@ def check_sequence_parallel_runs_here(recipe: Recipe, heads: int) -> None:
         raise RecipeError(f"{src}: sequence_parallel: {sp} must divide the {world} launched processes")
 
 
+def check_expert_parallel_runs_here(recipe: Recipe, experts: int) -> None:
+    """What only the model and the launched processes can tell: N divides the experts and the processes,
+    and no DeepSpeed launch (the recipe's `launch` was checked at parse time)."""
+    src, ep = recipe.source, recipe.expert_parallel
+    if experts % ep:
+        raise RecipeError(f"{src}: expert_parallel: {ep} must divide the model's {experts} experts per layer "
+                          f"(model={recipe.model}); use a divisor of {experts}")
+    if not is_launched():
+        if recipe.launch is None:
+            raise RecipeError(f"{src}: expert_parallel: {ep} needs {ep} or a multiple of {ep} processes; set launch: "
+                              "recipes/accelerate/ep8.yaml, or start it with accelerate launch")
+        return  # relaunched under the recipe's launch file, whose processes were checked at parse time
+    if launched_with_deepspeed():
+        raise RecipeError(f"{src}: expert_parallel: {ep} runs under plain data parallel, not DeepSpeed; launch with "
+                          "recipes/accelerate/ep8.yaml")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world % ep:
+        raise RecipeError(f"{src}: expert_parallel: {ep} must divide the {world} launched processes")
+
+
 def mark_moe_blocks_as_zero3_leaves(model: nn.Module) -> bool:
     """Under ZeRO-3, gather each sparse MoE block's parameters as one unit. Ranks route their tokens to
     different experts, so per-expert gathers would stop matching across ranks and hang (DeepSpeed#4808).
@@ -91,18 +112,27 @@ def mark_moe_blocks_as_zero3_leaves(model: nn.Module) -> bool:
     return True
 
 
-def keep_out_of_ddp(model: nn.Module) -> int:
-    """Tell DistributedDataParallel not to broadcast the NF4 expert stacks at start-up (it cannot: they are not
-    plain tensors). Every rank quantized the same checkpoint the same way, and they never train, so there is
-    nothing to synchronise. Returns how many are excluded."""
+def keep_out_of_ddp(model: nn.Module, recipe: Recipe) -> int:
+    """Tell DistributedDataParallel to leave alone what differs or cannot travel between processes; returns
+    how many parameters that is.
+    - The NF4 expert stacks: DDP cannot broadcast them at start-up (they are not plain tensors). Every rank
+      quantized the same checkpoint the same way, and they never train, so there is nothing to synchronise.
+    - Under expert parallelism, each process's experts (finetune/moe/expert_shards.py): they differ by
+      design, so DDP's start-up broadcast would overwrite them with rank 0's and its all-reduce would average
+      different experts; their gradients are averaged by finetune/moe/expert_parallel.py instead."""
     names = list(quantized_stacks(model))
+    if recipe.expert_parallel > 1:
+        from finetune.moe.expert_shards import shard_experts
+
+        names += list(shard_experts(model, recipe.expert_parallel))
     if names:
         ddp_ignore_parameters(model, names)
     return len(names)
 
 
-def prepare_for_launch(model: nn.Module) -> nn.Module:
-    """What the launch mode needs of a loaded model: ZeRO-3 leaf MoE blocks, 4-bit stacks kept out of DDP."""
+def prepare_for_launch(model: nn.Module, recipe: Recipe) -> nn.Module:
+    """What the launch mode needs of a loaded model: ZeRO-3 leaf MoE blocks, 4-bit stacks and expert shards
+    kept out of DDP."""
     mark_moe_blocks_as_zero3_leaves(model)
-    keep_out_of_ddp(model)
+    keep_out_of_ddp(model, recipe)
     return model

@@ -14,7 +14,11 @@ from finetune.model.shapes import shape_problems
 from finetune.moe.nf4 import bitsandbytes
 from finetune.recipe.schema import Recipe, RecipeError
 from finetune.train.arguments import trainer_args
-from finetune.train.launch import check_sequence_parallel_runs_here, launched_with_deepspeed
+from finetune.train.launch import (
+    check_expert_parallel_runs_here,
+    check_sequence_parallel_runs_here,
+    launched_with_deepspeed,
+)
 from finetune.train.run_folder import check_run_folder
 
 
@@ -36,6 +40,8 @@ def preflight(recipe: Recipe):
         check_sequence_parallel_runs_here(recipe, config.num_attention_heads)
     if recipe.quantization != "none":
         check_quantization_runs_here(recipe)
+    if recipe.expert_parallel > 1:
+        check_expert_parallel_runs_here(recipe, config.num_local_experts)
     if recipe.train.get("activation_offloading") and training_device(recipe) != "cuda":
         # TRL's OffloadActivations copies saved activations from the accelerator to CPU memory on side streams;
         # without an accelerator it fails deep inside SFTTrainer.__init__ (measured: AttributeError).

@@ -20,6 +20,8 @@ import torch
 from finetune.data.cache import maps_outside_cache
 from finetune.model.lm_head import use_compact_lm_head
 from finetune.model.master_weights import keep_fp32_master_weights
+from finetune.moe.expert_parallel import clip_gradients
+from finetune.moe.expert_shards import gathered_experts, sharded_parameters
 from finetune.moe.router import RouterTap, policy_logits
 from finetune.moe.router_losses import router_losses
 from finetune.moe.router_stats import entropy_sums, expert_counts, router_summary
@@ -50,6 +52,21 @@ class MoETrainerMixin:
         loss = result[0] if return_outputs else result
         loss = self.router_terms.add(self, loss, inputs.get("attention_mask"), num_items_in_batch, self.task_loss_name)
         return (loss, result[1]) if return_outputs else loss
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        """Under expert parallelism, every process gathers its experts to the first one first, so the adapter
+        (or model) saved is the whole one-process layout (finetune/moe/expert_shards.py)."""
+        with gathered_experts(self.model):
+            super().save_model(output_dir, _internal_call)
+
+    def _clip_grad_norm(self, model):
+        """Under expert parallelism, one norm over all experts, the same on every process
+        (finetune/moe/expert_parallel.py: `clip_gradients`); Trainer's own otherwise."""
+        shards = sharded_parameters(model)
+        if not shards:
+            return super()._clip_grad_norm(model)
+        shard = next(iter(shards.values())).expert_shard
+        return clip_gradients(list(model.parameters()), shards.values(), self.args.max_grad_norm, shard)
 
     def log(self, logs, start_time=None):
         mode = "train" if self.model.training else "eval"

@@ -1,0 +1,185 @@
+"""Expert parallelism (`expert_parallel: N`): refused where it cannot run, before anything loads; PEFT's expert
+factors cut and put back in their own layout; and, over 2 CPU processes (gloo), a step equal to plain data
+parallel's, an adapter equal to one process's, each rank holding only its experts, and full training saved in
+Mixtral's layout."""
+
+import json
+import os
+import re
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finetune.files.adapter_folder import expert_factors
+from finetune.moe.expert_parallel import ExpertShard
+from finetune.moe.expert_shards import _expert_slice
+from finetune.recipe.loading import load_recipe
+from finetune.recipe.schema import RecipeError
+from finetune.train.launch import check_expert_parallel_runs_here
+from finetune.train.preflight import preflight
+from helpers import ROOT, assert_same_as_one_process, launch, log_history, make_trainer, overrides_for
+
+SFT = "recipes/tiny/sft.yaml"
+EP_LAUNCH = "recipes/accelerate/cpu_ep.yaml"
+
+
+def recipe(tmp_path, model, *overrides, path=SFT):
+    return load_recipe(path, [f"model={model}", f"output_dir={tmp_path / 'out'}", "resume=never", *overrides])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["expert_parallel=0"], "expert_parallel must be >= 1, got 0"),
+    (["expert_parallel=2", "launch=recipes/accelerate/cpu_zero3.yaml"],
+     "expert_parallel: 2 runs under plain data parallel, not DeepSpeed (launch=recipes/accelerate/cpu_zero3.yaml)"),
+    (["expert_parallel=4", f"launch={EP_LAUNCH}"],
+     f"expert_parallel: 4 must divide the processes of {EP_LAUNCH} (num_processes: 2)"),
+    (["expert_parallel=2", "quantization=nf4"], "expert_parallel: 2 with quantization: nf4 is not supported"),
+    (["expert_parallel=2", "sequence_parallel=2"], "expert_parallel: 2 with sequence_parallel: 2 is not supported"),
+    (["expert_parallel=2", "lora.expert_kernel=peft"], "expert_parallel: 2 needs lora.expert_kernel: routed"),
+])
+def test_impossible_expert_parallel_recipes_fail_at_parse_time(tmp_path, tiny_model_dir, overrides, message):
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        recipe(tmp_path, tiny_model_dir, *overrides)
+
+
+def test_expert_parallel_is_for_sft(tmp_path, tiny_model_dir):
+    with pytest.raises(RecipeError, match="expert_parallel: 2 is for SFT only"):
+        recipe(tmp_path, tiny_model_dir, "expert_parallel=2", f"dpo.sft_adapter={tmp_path}", path="recipes/tiny/dpo.yaml")
+
+
+def test_preflight_refuses_experts_that_do_not_split_and_a_single_process(tmp_path, tiny_model_dir, monkeypatch):
+    # The tiny model has 4 experts per layer; recipes/accelerate/ep8.yaml starts 8 processes.
+    eight = recipe(tmp_path, tiny_model_dir, "expert_parallel=8", "launch=recipes/accelerate/ep8.yaml")
+    with pytest.raises(RecipeError, match="expert_parallel: 8 must divide the model's 4 experts per layer"):
+        preflight(eight)
+    with pytest.raises(RecipeError, match="expert_parallel: 2 needs 2 or a multiple of 2 processes"):
+        preflight(recipe(tmp_path, tiny_model_dir, "expert_parallel=2", "launch=null"))
+    # Under `accelerate launch` (the environment it sets).
+    launched = recipe(tmp_path, tiny_model_dir, "expert_parallel=2", "launch=null")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    with pytest.raises(RecipeError, match="expert_parallel: 2 must divide the 3 launched processes"):
+        check_expert_parallel_runs_here(launched, experts=4)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    check_expert_parallel_runs_here(launched, experts=4)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(RecipeError, match="runs under plain data parallel, not DeepSpeed"):
+        check_expert_parallel_runs_here(launched, experts=4)
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_a_shard_of_peft_factors_holds_exactly_its_experts(index):
+    """PEFT's A is expert-major and B expert-minor (finetune/files/adapter_folder.py): the slice of each that a
+    process keeps must be, expert for expert, the factors of the experts it owns."""
+    experts, r, inputs, outputs = 6, 3, 5, 7
+    a, b = torch.randn(r * experts, inputs), torch.randn(outputs, r * experts)
+    shard = ExpertShard(total=experts, size=3, index=index)
+    local_a, local_b = _expert_slice(a, shard, 0, r), _expert_slice(b, shard, 1, r)
+    assert local_a.shape == (r * 2, inputs) and local_b.shape == (outputs, r * 2)
+    whole_a, whole_b = expert_factors(a, b, experts)
+    got_a, got_b = expert_factors(local_a, local_b, shard.local)
+    owned = slice(shard.first, shard.first + shard.local)
+    assert torch.equal(got_a, whole_a[owned]) and torch.equal(got_b, whole_b[owned])
+
+
+def launch_sft(out, data, model_dir, *extra, **train):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = ["accelerate", "launch", "--config_file", EP_LAUNCH, "-m", "finetune.sft", SFT,
+               *overrides_for(model_dir, out, data, *extra, **train)]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+@pytest.mark.distributed
+def test_one_expert_parallel_step_equals_data_parallel(tiny_model_dir, four_rows, tmp_path):
+    """Over the same 2 processes and batches, EP=2 (each holds 2 of 4 experts) and plain DDP (each holds all 4)
+    take the same SGD step at lr 1 with no clipping: the adapter's change is minus the gradient, so every LoRA
+    tensor's and the router's gradient agree to 1e-4, and the losses (router losses on) to 1e-5."""
+    from finetune.sft import main as sft_main
+
+    common = ["lora.init_lora_weights=false", "moe.z_loss_coef=0.001", "train.optim=sgd", "train.max_grad_norm=0",
+              "train.weight_decay=0"]
+    launch_sft(tmp_path / "ep", four_rows, tiny_model_dir, *common, "expert_parallel=2", max_steps=1,
+               learning_rate=1.0, per_device_train_batch_size=2)
+    launch_sft(tmp_path / "ddp", four_rows, tiny_model_dir, *common, max_steps=1, learning_rate=1.0,
+               per_device_train_batch_size=2)
+    assert sft_main([SFT, *overrides_for(tiny_model_dir, tmp_path / "start", four_rows, *common, max_steps=1,
+                                         learning_rate=0.0, per_device_train_batch_size=4)]) == 0
+    adapters = {name: load_file(tmp_path / name / "adapter_model.safetensors") for name in ("ep", "ddp", "start")}
+    assert adapters["ep"].keys() == adapters["ddp"].keys()
+    assert any(".mlp.gate." in key for key in adapters["ep"]) and any(".experts.lora_B" in key for key in adapters["ep"])
+    for key, start in adapters["start"].items():
+        expected, got = start - adapters["ddp"][key], start - adapters["ep"][key]  # lr x gradient
+        assert expected.abs().max() > 0, key
+        assert (got - expected).abs().max() <= 1e-4 * expected.abs().max(), key
+    for name in ("loss", "aux_loss", "z_loss"):
+        ep, ddp = log_history(tmp_path / "ep")[0][name], log_history(tmp_path / "ddp")[0][name]
+        assert ep == pytest.approx(ddp, rel=1e-5), name
+
+
+@pytest.mark.distributed
+def test_expert_parallel_adapter_equals_one_process_and_each_rank_holds_half_the_experts(tiny_model_dir, four_rows,
+                                                                                          tmp_path):
+    common = ["moe.aux_loss_coef=0"]  # a per-rank mean: not additive over ranks
+    out = tmp_path / "ep"
+    launch("sft", SFT, overrides_for(tiny_model_dir, out, four_rows, *common, "expert_parallel=2",
+                                     per_device_train_batch_size=2), config=EP_LAUNCH)
+    assert_same_as_one_process(out, tiny_model_dir, four_rows, common, tmp_path / "single")
+
+    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    _, one_process, _ = make_trainer(tiny_model_dir, tmp_path / "whole")
+    whole = dict(one_process.model.named_parameters())
+    for rank, report in enumerate(reports):
+        shards = report["expert_shards"]
+        assert len(shards) == 2 * 2 + 2 * 4  # 2 layers x (2 stacks + A and B of 2 stacks)
+        for name, (numel, total) in shards.items():
+            assert numel * 2 == whole[name].numel(), name
+            if name.endswith(("gate_up_proj", "down_proj")):  # frozen under LoRA: the base's own experts
+                mine = whole[name][2 * rank:2 * rank + 2]
+                assert total == pytest.approx(mine.double().sum().item(), rel=1e-9), (rank, name)
+        held = sum(p.numel() for p in whole.values()) - sum(numel for numel, _ in shards.values())
+        assert report["parameters"] == held
+
+
+@pytest.mark.distributed
+def test_full_training_under_expert_parallel_equals_data_parallel_in_mixtral_layout(tiny_model_dir, four_rows,
+                                                                                      tmp_path):
+    """Every weight trains (experts included, through the routed kernel's weight gradient), and the gradients are
+    clipped to a norm they exceed: one norm over all experts, the same on both processes. One SGD step at lr 1:
+    the change of every weight, each expert of each process's share, equals plain DDP's to 1e-4; the saved
+    model has Mixtral's own layout."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune.model.tiny import checkpoint_keys
+
+    common = ["method=full", "lora.r=null", "lora.lora_alpha=null", "trainable=[attention,experts,router]",
+              "train.gradient_checkpointing=false", "train.optim=sgd", "train.max_grad_norm=0.05",
+              "train.weight_decay=0"]
+    launch_sft(tmp_path / "ep", four_rows, tiny_model_dir, *common, "expert_parallel=2", max_steps=1,
+               learning_rate=1.0, per_device_train_batch_size=2)
+    launch_sft(tmp_path / "ddp", four_rows, tiny_model_dir, *common, max_steps=1, learning_rate=1.0,
+               per_device_train_batch_size=2)
+    assert set(checkpoint_keys(tmp_path / "ep")) == set(checkpoint_keys(tiny_model_dir))  # Mixtral's own layout
+    assert log_history(tmp_path / "ep")[0]["grad_norm"] > 0.05  # clipping took part
+    ep = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "ep").named_parameters())
+    ddp = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "ddp").named_parameters())
+    base = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters())
+    moved = 0
+    for name, start in base.items():
+        expected, got = start - ddp[name], start - ep[name]
+        assert (got - expected).abs().max() <= 1e-4 * max(expected.abs().max(), 1e-12), name
+        moved += bool(expected.abs().max() > 0)
+    assert moved == 2 * (4 + 1 + 2)  # per layer: q, k, v, o, the router and both expert stacks
+    assert log_history(tmp_path / "ep")[0]["loss"] == pytest.approx(log_history(tmp_path / "ddp")[0]["loss"], rel=1e-5)
+
+
+def test_expert_parallel_launch_files_are_plain_data_parallel():
+    from finetune.recipe.launch_file import launch_processes, uses_deepspeed
+
+    for name, processes in (("ep8.yaml", 8), ("ep_multinode.yaml", 16), ("cpu_ep.yaml", 2)):
+        path = ROOT / "recipes" / "accelerate" / name
+        assert not uses_deepspeed(path) and launch_processes(path) == processes, name
