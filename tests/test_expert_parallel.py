@@ -85,6 +85,21 @@ def test_a_shard_of_peft_factors_holds_exactly_its_experts(index):
     assert torch.equal(got_a, whole_a[owned]) and torch.equal(got_b, whole_b[owned])
 
 
+def test_an_expert_parallel_checkpoint_needs_every_process_optimizer_state(tmp_path):
+    from finetune.train.checkpoints import checkpoint_problem
+
+    folder = tmp_path / "checkpoint-2"
+    folder.mkdir()
+    (folder / "trainer_state.json").write_text('{"global_step": 2}')
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state_0.pth", "rng_state_1.pth", "expert_optimizer_0.pt"):
+        torch.save({}, folder / name)
+    (folder / "adapter_model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")  # an empty one
+    assert checkpoint_problem(folder) is None  # without expert parallelism, complete
+    assert checkpoint_problem(folder, expert_parallel=True) == "no expert_optimizer_1.pt"
+    torch.save({}, folder / "expert_optimizer_1.pt")
+    assert checkpoint_problem(folder, expert_parallel=True) is None
+
+
 def launch_sft(out, data, model_dir, *extra, **train):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = ["accelerate", "launch", "--config_file", EP_LAUNCH, "-m", "finetune.sft", SFT,
@@ -121,16 +136,27 @@ def test_one_expert_parallel_step_equals_data_parallel(tiny_model_dir, four_rows
         assert ep == pytest.approx(ddp, rel=1e-5), name
 
 
-@pytest.mark.distributed
-def test_expert_parallel_adapter_equals_one_process_and_each_rank_holds_half_the_experts(tiny_model_dir, four_rows,
-                                                                                          tmp_path):
-    common = ["moe.aux_loss_coef=0"]  # a per-rank mean: not additive over ranks
-    out = tmp_path / "ep"
-    launch("sft", SFT, overrides_for(tiny_model_dir, out, four_rows, *common, "expert_parallel=2",
-                                     per_device_train_batch_size=2), config=EP_LAUNCH)
-    assert_same_as_one_process(out, tiny_model_dir, four_rows, common, tmp_path / "single")
+@pytest.fixture(scope="module")
+def ep_three_steps(tiny_model_dir, four_rows, tmp_path_factory):
+    """3 AdamW steps with EP=2 (router losses off: a per-rank mean, not additive over ranks), a checkpoint at
+    step 2; each rank reports what it holds (tests/zero3_driver.py)."""
+    out = tmp_path_factory.mktemp("ep") / "three"
+    launch("sft", SFT, overrides_for(tiny_model_dir, out, four_rows, *EP_COMMON, per_device_train_batch_size=2),
+           config=EP_LAUNCH)
+    return out
 
-    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+EP_COMMON = ["moe.aux_loss_coef=0", "expert_parallel=2", "train.save_strategy=steps", "train.save_steps=2"]
+
+
+@pytest.mark.distributed
+def test_expert_parallel_adapter_equals_one_process(ep_three_steps, tiny_model_dir, four_rows, tmp_path):
+    assert_same_as_one_process(ep_three_steps, tiny_model_dir, four_rows, ["moe.aux_loss_coef=0"], tmp_path / "single")
+
+
+@pytest.mark.distributed
+def test_each_rank_holds_only_its_half_of_the_experts(ep_three_steps, tiny_model_dir, tmp_path):
+    reports = [json.loads((ep_three_steps / f"rank{r}.json").read_text()) for r in (0, 1)]
     _, one_process, _ = make_trainer(tiny_model_dir, tmp_path / "whole")
     whole = dict(one_process.model.named_parameters())
     for rank, report in enumerate(reports):
@@ -143,6 +169,25 @@ def test_expert_parallel_adapter_equals_one_process_and_each_rank_holds_half_the
                 assert total == pytest.approx(mine.double().sum().item(), rel=1e-9), (rank, name)
         held = sum(p.numel() for p in whole.values()) - sum(numel for numel, _ in shards.values())
         assert report["parameters"] == held
+
+
+@pytest.mark.distributed
+def test_expert_parallel_resume_continues_the_same_run(ep_three_steps, tiny_model_dir, four_rows, tmp_path):
+    """Stopped after step 2 and run again: step 3's loss and the final adapter equal the uninterrupted run's.
+    The adapter after step 3 needs each process's AdamW state of its own experts, not the main process's."""
+    out = tmp_path / "resumed"
+    overrides = [o for o in overrides_for(tiny_model_dir, out, four_rows, *EP_COMMON, per_device_train_batch_size=2)
+                 if o != "resume=never"]
+    launch("sft", SFT, [*overrides, "stop_after_steps=2"], config=EP_LAUNCH)
+    assert sorted(p.name for p in (out / "checkpoint-2").glob("expert_optimizer_*")) == [
+        "expert_optimizer_0.pt", "expert_optimizer_1.pt"]
+    launch("sft", SFT, overrides, config=EP_LAUNCH)
+    history = lambda o: [(h["step"], h["loss"]) for h in log_history(o) if "loss" in h]  # noqa: E731
+    assert [s for s, _ in history(out)] == [1, 2, 3]
+    assert [loss for _, loss in history(out)] == pytest.approx([loss for _, loss in history(ep_three_steps)], rel=1e-5)
+    got, expected = (load_file(o / "adapter_model.safetensors") for o in (out, ep_three_steps))
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-7, msg=key)
 
 
 @pytest.mark.distributed

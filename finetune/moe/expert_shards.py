@@ -11,7 +11,7 @@ The experts module then says it has E/N experts, so PEFT's wrappers and the rout
 smaller layer; `expert_shard` on it tells the kernel to send its rows to their owners.
 
 Saving gathers each sharded tensor to the first process of its EP group, in the same layout, so the adapter
-(or a full model) on disk is exactly what one process would save.
+(or a full model) on disk is exactly what one process would save; loading one (a resume) slices it again.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def shard_experts(model: nn.Module, size: int) -> dict[str, nn.Parameter]:
     sharded = []
     for experts in modules:
         for name in STACKS:
-            sharded.append(_keep(experts, name, _expert_slice(getattr(experts, name), shard, 0, 1)))
+            sharded.append(_keep(experts, name, shard, 0, 1))
         experts.num_experts = shard.local
         experts.expert_shard = shard
         route_experts(experts)  # the frozen path too (no LoRA, or adapters disabled) sends rows to their owners
@@ -59,13 +59,12 @@ def shard_experts(model: nn.Module, size: int) -> dict[str, nn.Parameter]:
         for adapter in wrapper.lora_A:
             a, b = wrapper.lora_A[adapter], wrapper.lora_B[adapter]
             r = a.weight.shape[0] // shard.total
-            sharded.append(_keep(a, "weight", _expert_slice(a.weight, shard, 0, r)))
-            sharded.append(_keep(b, "weight", _expert_slice(b.weight, shard, 1, r)))
+            sharded.append(_keep(a, "weight", shard, 0, r))
+            sharded.append(_keep(b, "weight", shard, 1, r))
             a.out_features, b.in_features = a.weight.shape[0], b.weight.shape[1]
     ids = {id(p): p for p in sharded}
     names = {name: p for name, p in model.named_parameters() if id(p) in ids}
     for param in names.values():
-        param.expert_shard = shard
         if param.requires_grad:
             watch_expert_gradients(param, shard)
     return names
@@ -80,11 +79,26 @@ def _expert_slice(tensor: torch.Tensor, shard: ExpertShard, dim: int, r: int) ->
     return tensor.reshape(rows, r, shard.total)[:, :, shard.first:shard.first + shard.local].reshape(rows, -1)
 
 
-def _keep(module: nn.Module, name: str, part: torch.Tensor) -> nn.Parameter:
+def _keep(module: nn.Module, name: str, shard: ExpertShard, dim: int, r: int) -> nn.Parameter:
+    """Replace `module.name` by this process's slice of it, and let the module load whole tensors (a checkpoint
+    or adapter saved whole) by slicing them the same way first."""
     old = getattr(module, name)
-    param = nn.Parameter(part.detach().clone(), requires_grad=old.requires_grad)
+    param = nn.Parameter(_expert_slice(old.detach(), shard, dim, r).clone(), requires_grad=old.requires_grad)
+    param.expert_shard, param.expert_layout = shard, (dim, r)
     setattr(module, name, param)
+    if not getattr(module, "_loads_whole_experts", False):
+        module.register_load_state_dict_pre_hook(_slice_whole_tensors)
+        module._loads_whole_experts = True
     return param
+
+
+def _slice_whole_tensors(module, state_dict, prefix, *args):
+    """load_state_dict pre-hook: an incoming tensor of the whole layer's shape becomes this process's slice."""
+    for name, param in module.named_parameters(recurse=False):
+        key = prefix + name
+        shard = getattr(param, "expert_shard", None)
+        if shard is not None and key in state_dict and state_dict[key].shape != param.shape:
+            state_dict[key] = _expert_slice(state_dict[key], shard, *param.expert_layout)
 
 
 def sharded_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -95,19 +109,15 @@ def sharded_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 def gathered_experts(model: nn.Module):
     """Within: every sharded tensor whole (all E experts, the one-process layout) on the first process of each
     EP group, and the experts modules saying E experts again; every process must enter (it gathers)."""
-    from peft.tuners.lora.layer import ParamWrapper
-
     params = sharded_parameters(model)
     if not params:
         yield
         return
-    kept = {}
-    lora_b = {id(w.lora_B[a].weight) for w in model.modules() if isinstance(w, ParamWrapper) for a in w.lora_B}
-    for name, param in params.items():
-        shard = param.expert_shard
-        whole = _gather(param.data.contiguous(), shard, id(param) in lora_b)
+    kept = []
+    for param in params.values():
+        whole = _gather(param.data.contiguous(), param.expert_shard, *param.expert_layout)
         if whole is not None:
-            kept[name] = (param, param.data)
+            kept.append((param, param.data))
             param.data = whole
     modules = [m for m in expert_modules(model) if getattr(m, "expert_shard", None) is not None]
     for experts in modules:
@@ -115,21 +125,19 @@ def gathered_experts(model: nn.Module):
     try:
         yield
     finally:
-        for param, local in kept.values():
+        for param, local in kept:
             param.data = local
         for experts in modules:
             experts.num_experts = experts.expert_shard.local
 
 
-def _gather(local: torch.Tensor, shard: ExpertShard, expert_minor: bool) -> torch.Tensor | None:
-    """The whole tensor on the EP group's first process (None elsewhere), in the layout the shards came from."""
-    first = dist.get_global_rank(shard.group, 0)
+def _gather(local: torch.Tensor, shard: ExpertShard, dim: int, r: int) -> torch.Tensor | None:
+    """The whole tensor on the EP group's first process (None elsewhere): the inverse of `_expert_slice`."""
     parts = [torch.empty_like(local) for _ in range(shard.size)] if shard.index == 0 else None
-    dist.gather(local, parts, dst=first, group=shard.group)
+    dist.gather(local, parts, dst=dist.get_global_rank(shard.group, 0), group=shard.group)
     if parts is None:
         return None
-    if not expert_minor:
+    if dim == 0:
         return torch.cat(parts)
     rows = local.shape[0]
-    r = local.shape[1] // shard.local
     return torch.cat([p.reshape(rows, r, shard.local) for p in parts], dim=2).reshape(rows, -1)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from finetune.moe.expert_shards import sharded_parameters
 from finetune.recipe.resolved import RECIPE_FILE, changed_keys, dump_yaml
 from finetune.recipe.schema import Recipe, RecipeError
 
@@ -41,13 +42,13 @@ def resume_checkpoint(recipe: Recipe, is_main: bool = True) -> str | None:
         checkpoint = Path(recipe.resume)
         if not checkpoint.is_dir():
             raise RecipeError(f"{recipe.source}: resume={recipe.resume!r}: no such checkpoint folder")
-        problem = checkpoint_problem(checkpoint, needs_optimizer)
+        problem = checkpoint_problem(checkpoint, needs_optimizer, recipe.expert_parallel > 1)
         if problem:
             raise RecipeError(f"{recipe.source}: resume={recipe.resume!r}: incomplete checkpoint ({problem})")
     else:
         checkpoint = None
         for candidate in sorted(checkpoints(out), key=lambda p: -int(CHECKPOINT.match(p.name).group(1))):
-            problem = checkpoint_problem(candidate, needs_optimizer)
+            problem = checkpoint_problem(candidate, needs_optimizer, recipe.expert_parallel > 1)
             if problem is None:
                 checkpoint = candidate
                 break
@@ -77,9 +78,10 @@ def checkpoints(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if p.is_dir() and CHECKPOINT.match(p.name)]
 
 
-def checkpoint_problem(folder: Path, needs_optimizer: bool = True) -> str | None:
+def checkpoint_problem(folder: Path, needs_optimizer: bool = True, expert_parallel: bool = False) -> str | None:
     """Why a checkpoint folder cannot be resumed from (missing or truncated files), or None if complete.
-    Checks file headers and zip directories only: cheap even for a 47B model's checkpoint."""
+    Checks file headers and zip directories only: cheap even for a 47B model's checkpoint. Under expert
+    parallelism, each process's optimizer state too (`ExpertOptimizerFiles`)."""
     try:
         json.loads((folder / "trainer_state.json").read_text())["global_step"]
     except FileNotFoundError:
@@ -98,6 +100,11 @@ def checkpoint_problem(folder: Path, needs_optimizer: bool = True) -> str | None
             return "no scheduler.pt"
         if not any(folder.glob("rng_state*.pth")):
             return "no RNG state"
+        if expert_parallel:
+            for rng in folder.glob("rng_state_*.pth"):
+                rank = rng.stem.rsplit("_", 1)[1]
+                if not (folder / EXPERT_OPTIMIZER.format(rank=rank)).is_file():
+                    return f"no {EXPERT_OPTIMIZER.format(rank=rank)}"
     for path in sorted(folder.rglob("*")):
         problem = None
         if path.suffix == ".safetensors":
@@ -139,6 +146,33 @@ class SaveRecipeWithCheckpoint(TrainerCallback):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and folder.is_dir():
             dump_yaml(self.recipe, folder / RECIPE_FILE)
+
+
+EXPERT_OPTIMIZER = "expert_optimizer_{rank}.pt"
+
+
+class ExpertOptimizerFiles(TrainerCallback):
+    """Under expert parallelism each process's optimizer holds the state of its own experts, which Trainer's
+    `optimizer.pt` (written by the main process alone, read by every process) cannot carry. Every process also
+    writes its optimizer state to `expert_optimizer_{rank}.pt`; a resumed run loads its own over the main
+    process's at its first step (Trainer loads `optimizer.pt` after `on_train_begin`, before any step).
+    `resume_from` is set by the trainer's `train` (finetune/train/trainer.py)."""
+
+    def __init__(self):
+        self.resume_from: str | None = None
+
+    def on_save(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if optimizer is not None and sharded_parameters(model):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            torch.save(optimizer.state_dict(), folder / EXPERT_OPTIMIZER.format(rank=args.process_index))
+
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.resume_from is None:
+            return
+        folder, self.resume_from = Path(self.resume_from), None
+        if sharded_parameters(model):
+            own = torch.load(folder / EXPERT_OPTIMIZER.format(rank=args.process_index), weights_only=True)
+            optimizer.load_state_dict(own)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from finetune.moe.expert_shards import gathered_experts, sharded_parameters
 from finetune.moe.router import RouterTap, policy_logits
 from finetune.moe.router_losses import router_losses
 from finetune.moe.router_stats import entropy_sums, expert_counts, router_summary
+from finetune.train.checkpoints import ExpertOptimizerFiles
 
 SUMMARY_KEYS = ("maxvio_mean", "maxvio_max", "cv_mean", "entropy_mean", "dead_experts")
 
@@ -45,6 +46,12 @@ class MoETrainerMixin:
             keep_fp32_master_weights(self.model)
         self.router_terms = RouterTerms(self.model, moe, self.accelerator.gather)
         self.throughput = Throughput()
+        self.expert_optimizer = ExpertOptimizerFiles()
+        self.add_callback(self.expert_optimizer)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        self.expert_optimizer.resume_from = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         with self.router_terms.tap.capture():
