@@ -26,6 +26,7 @@ from finetune.planning.memory import (
 )
 from finetune.planning.prefetch import DEFAULT_MAX_LIVE, bucket_size
 from finetune.planning.report import render
+from finetune.planning.traffic import traffic_lines
 from finetune.recipe.loading import load_recipe
 from finetune.recipe.schema import RecipeError
 
@@ -61,15 +62,18 @@ def main(argv: list[str] | None = None) -> int:
     if world % recipe.sequence_parallel:
         raise InputError(f"{recipe.source}: sequence_parallel: {recipe.sequence_parallel} must divide the {world} "
                          f"processes (--gpus {args.gpus} x --nodes {args.nodes})")
+    check_expert_parallel(recipe, config, args, world, stage or off_opt or off_param)
     counts = count_parameters(recipe, config)
     setup = Setup(args.gpus, args.nodes, stage, off_opt, off_param, recipe.data.max_length,
                   recipe.train.get("per_device_train_batch_size", 8), recipe.train.get("gradient_accumulation_steps", 1),
                   float(ds_settings.get("stage3_max_live_parameters", DEFAULT_MAX_LIVE)),
                   float(ds_settings.get("stage3_max_reuse_distance", 1e9)), recipe.quantization,
-                  bucket_size(ds_settings.get("stage3_prefetch_bucket_size"), config))
+                  bucket_size(ds_settings.get("stage3_prefetch_bucket_size"), config), recipe.expert_parallel)
     plan = estimate(recipe, config, counts, setup, args.device)
     ds = deepspeed_estimate(counts, args.gpus, args.nodes, stage, off_opt, off_param) if args.device == "gpu" else None
     print(render(recipe, source, counts, plan, args, setup, ds))
+    for line in traffic_lines(config, counts, setup, 2 if args.device == "gpu" else 4):
+        print(line)
     if args.gpu_memory and plan.total > args.gpu_memory * GIB:
         plans: dict[Setup, Plan] = {}
 
@@ -78,9 +82,24 @@ def main(argv: list[str] | None = None) -> int:
                 plans[candidate] = estimate(recipe, config, counts, candidate, args.device)
             return plans[candidate].total <= args.gpu_memory * GIB
 
-        chosen = fitting_setups(setup, fits)
+        chosen = fitting_setups(setup, fits, experts=config.num_local_experts)
         print(render_suggestions(args, setup, {s: plans[s] for s in chosen}, "GPU" if args.device == "gpu" else "process"))
     return 0
+
+
+def check_expert_parallel(recipe, config, args, world: int, deepspeed: bool) -> None:
+    ep = recipe.expert_parallel
+    if ep == 1:
+        return
+    if deepspeed:
+        raise InputError(f"--zero / --offload: expert_parallel: {ep} runs without DeepSpeed (plain data parallel); "
+                         "leave them out or use --zero 0 --no-offload")
+    if config.num_local_experts % ep:
+        raise InputError(f"{recipe.source}: expert_parallel: {ep} must divide the model's {config.num_local_experts} "
+                         "experts per layer")
+    if world % ep:
+        raise InputError(f"{recipe.source}: expert_parallel: {ep} must divide the {world} processes "
+                         f"(--gpus {args.gpus} x --nodes {args.nodes})")
 
 
 if __name__ == "__main__":

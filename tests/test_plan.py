@@ -55,6 +55,39 @@ def test_mixtral_8x7b_lora_on_8_gpus_with_zero3(repo_root):
     assert "DOES NOT FIT" in run_plan(repo_root, "recipes/sft.yaml", "--gpus", 1, "--gpu-memory", 80)
 
 
+def test_mixtral_8x7b_lora_with_one_expert_per_gpu(repo_root):
+    """`expert_parallel: 8` on one node of 8: every GPU holds the whole model but 7 of every 8 experts (and their
+    LoRA), and sends the routed rows, not the weights; the figures checked against Mixtral 8x7B's config."""
+    out = run_plan(repo_root, "recipes/sft.yaml", "expert_parallel=8", "launch=recipes/accelerate/ep8.yaml", "--gpus", 8,
+                   "--gpu-memory", 80)
+    hidden, inter, experts, r, layers, top_k, tokens = 4096, 14336, 8, 16, 32, 2, 4096
+    total = 46_702_792_704 + 224_395_264 - layers * experts * hidden  # the base and the LoRA r=16 of the test
+    # above (the router, trained in full, counted once)
+    expert_lora = experts * r * ((hidden + 2 * inter) + (inter + hidden))
+    expert_params = layers * (experts * 3 * hidden * inter + expert_lora)
+    assert "no ZeRO, expert parallel 8" in out
+    assert row(out, "weights (bf16, experts /8: 1 of 8 per layer)") == pytest.approx(
+        (total - expert_params * 7 / 8) * 2 / GIB, abs=0.006)
+    held = 224_395_264 - layers * expert_lora * 7 / 8
+    assert f"({held:,.0f} params, experts' /8)" in out
+    assert row(out, "trained:") == pytest.approx(held * 16 / GIB, abs=0.006)
+    assert "ZeRO-3 gather" not in out and "of 80 GiB per GPU: fits" in out
+    # Sent per GPU per micro-step: 6 all-to-alls per layer of the routed rows, 7/8 of them to other GPUs; ZeRO-3
+    # on the same GPUs gathers 7/8 of every weight twice and reduce-scatters the LoRA gradients.
+    all_to_all = 6 * layers * tokens * top_k * hidden * 2 * 7 / 8
+    assert row(out, "EP all-to-all of routed rows") == pytest.approx(all_to_all / 1e9, abs=0.006)
+    zero3 = (2 * total * 2 + 224_395_264 * 2) * 7 / 8
+    said = re.search(r"ZeRO-3 on the same devices instead: ([0-9.]+) GB = ([0-9,]+) ms at NVLink 450 GB/s "
+                     r"\(([0-9.]+)x the bytes\)", out)
+    assert float(said[1]) == pytest.approx(zero3 / 1e9, abs=0.006)
+    assert float(said[2].replace(",", "")) == pytest.approx(zero3 / 450e9 * 1e3, abs=1)
+    ep_total = float(re.search(r"total +([0-9.]+) += ", out)[1])
+    assert float(said[3]) == pytest.approx(zero3 / 1e9 / ep_total, abs=0.06)
+    # The ZeRO-3 plan offers EP beside its own traffic.
+    zero3_out = run_plan(repo_root, "recipes/sft.yaml", "--gpus", 8, "--gpu-memory", 80)
+    assert f"expert_parallel=8 instead: {ep_total:.2f} GB" in zero3_out
+
+
 @pytest.mark.parametrize("offload", [False, True])
 def test_full_finetune_model_states_agree_with_deepspeed(repo_root, tmp_path, monkeypatch, offload):
     path = tmp_path / "full.yaml"
@@ -99,9 +132,13 @@ def suggestions(output: str) -> list[tuple[str, float, list[str]]]:
     # One 80 GB GPU: the 47B weights alone do not fit. Offload, or a second GPU.
     (["--gpus", "1", "--gpu-memory", "80"], ["a 4-bit base (quantization=nf4", "offloaded to CPU",
                                              "2 devices (1 node(s) x 2)"]),
-    # Eight GPUs without ZeRO: every GPU holds every weight; ZeRO-3 shards them, or 4 bits shrink them.
+    # Eight GPUs without ZeRO: every GPU holds every weight; ZeRO-3 shards them, 4 bits shrink them, or each GPU
+    # keeps half of the experts (expert parallelism over pairs of GPUs).
     (["--gpus", "8", "--zero", "0", "--gpu-memory", "80"], ["a 4-bit base (quantization=nf4", "ZeRO-3 (recipes",
-                                                            "offloaded to CPU"]),
+                                                            "offloaded to CPU", "expert parallelism over 2 GPUs"]),
+    # ZeRO-3 on 8 GPUs at 18 GiB: one expert per GPU fits, and so do offload and a second node.
+    (["--gpus", "8", "--gpu-memory", "18"], ["expert parallelism over 8 GPUs", "offloaded to CPU",
+                                             "16 devices (2 node(s) x 8)"]),
     # Nothing alone is enough (offload still holds 4 sequences of 4096 tokens): pairs of changes.
     (["--gpus", "1", "--gpu-memory", "12", "train.per_device_train_batch_size=4"],
      ["offloaded to CPU (recipes/accelerate/zero3_offload.yaml) + micro-batch 2 with 32 accumulation steps",

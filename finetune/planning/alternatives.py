@@ -1,7 +1,7 @@
 """What fits instead, when `finetune.plan` says DOES NOT FIT: the nearest changes that do, each planned again.
 
-Each axis that lowers memory per device (more devices, ZeRO-3, ZeRO-3 with offload, a 4-bit base, a smaller
-micro-batch at the same global batch, a shorter `data.max_length`) is walked from the nearest setup outwards,
+Each axis that lowers memory per device (more devices, expert parallelism, ZeRO-3, ZeRO-3 with offload, a
+4-bit base, a smaller micro-batch at the same global batch, a shorter `data.max_length`) is walked from the nearest setup outwards,
 and the first setup that fits is kept. When no single change fits, pairs of changes are tried. Every
 suggestion is printed with the `finetune.plan` command that plans it, so it can be checked, and a test does
 exactly that. A 4-bit base runs without DeepSpeed, so it is never combined with ZeRO or more devices.
@@ -16,8 +16,9 @@ from finetune.planning.memory import GIB, Plan, Setup
 MAX_NODES = 64
 
 
-def axes(setup: Setup) -> dict[str, list[Setup]]:
-    """For each way to need less memory per device, its candidate setups, nearest first."""
+def axes(setup: Setup, experts: int = 0) -> dict[str, list[Setup]]:
+    """For each way to need less memory per device, its candidate setups, nearest first. `experts`: the model's
+    experts per layer, which expert parallelism splits (within a node)."""
     more_devices = [replace(setup, gpus=g) for g in (2, 4, 8) if g > setup.gpus]
     nodes = setup.nodes * 2
     while nodes <= MAX_NODES:
@@ -33,8 +34,13 @@ def axes(setup: Setup) -> dict[str, list[Setup]]:
         batch //= 2
     if setup.quantization != "none":  # one whole 4-bit copy per GPU: only the activations can shrink
         return {"micro_batch": smaller, "max_length": shorter}
+    if setup.expert_parallel > 1:  # plain data parallel with the experts split: no ZeRO, no 4-bit
+        return {"devices": more_devices, "micro_batch": smaller, "max_length": shorter}
+    ep = [replace(setup, stage=0, offload_optimizer=False, offload_parameters=False, expert_parallel=n)
+          for n in range(2, min(setup.gpus, experts) + 1) if experts % n == 0 and setup.world % n == 0]
     return {
         "devices": more_devices,
+        "expert_parallel": ep,
         "zero3": [replace(setup, stage=3)] if setup.stage < 3 else [],
         "offload": [replace(setup, stage=3, offload_optimizer=True, offload_parameters=True)]
         if not (setup.stage == 3 and setup.offload_optimizer and setup.offload_parameters) else [],
@@ -44,14 +50,14 @@ def axes(setup: Setup) -> dict[str, list[Setup]]:
     }
 
 
-def fitting_setups(setup: Setup, fits, limit: int = 5) -> list[Setup]:
+def fitting_setups(setup: Setup, fits, limit: int = 5, experts: int = 0) -> list[Setup]:
     """Setups that fit (`fits(setup)`): the nearest along each axis alone; when none does, the nearest pair
     of changes on two axes. At most `limit`, fewest GPUs first."""
-    options = axes(setup)
+    options = axes(setup, experts)
     found = [next((c for c in candidates if fits(c)), None) for candidates in options.values()]
     if not any(found):
         names = list(options)
-        found = [next((s for first in options[a] for s in axes(first)[b] if fits(s)), None)
+        found = [next((s for first in options[a] for s in axes(first, experts).get(b, []) if fits(s)), None)
                  for i, a in enumerate(names) for b in names[i + 1:]]
     unique = list(dict.fromkeys(s for s in found if s is not None))
     return sorted(unique, key=lambda s: (s.world, s.stage, s.offload_parameters))[:limit]
@@ -63,6 +69,9 @@ def plan_command(args, old: Setup, setup: Setup) -> str:
     if setup.quantization != old.quantization:
         changed["quantization"] = setup.quantization
         changed["launch"] = "recipes/accelerate/single.yaml" if setup.world == 1 else "recipes/accelerate/ddp.yaml"
+    if setup.expert_parallel != old.expert_parallel:
+        changed["expert_parallel"] = setup.expert_parallel
+        changed["launch"] = "recipes/accelerate/ep8.yaml" if setup.nodes == 1 else "recipes/accelerate/ep_multinode.yaml"
     if setup.max_length != old.max_length:
         changed["data.max_length"] = setup.max_length
     if setup.micro_batch != old.micro_batch:
@@ -84,6 +93,9 @@ def changes(old: Setup, new: Setup) -> str:
     if new.quantization != old.quantization:
         said.append(f"a 4-bit base (quantization={new.quantization}, a whole copy per GPU, no DeepSpeed; "
                     "recipes/sft_qlora.yaml)")
+    elif new.expert_parallel != old.expert_parallel:
+        said.append(f"expert parallelism over {new.expert_parallel} GPUs, no ZeRO (expert_parallel={new.expert_parallel}, "
+                    "recipes/accelerate/ep8.yaml)")
     elif (new.stage, new.offload_parameters) != (old.stage, old.offload_parameters):
         said.append("ZeRO-3 with optimizer and parameters offloaded to CPU (recipes/accelerate/zero3_offload.yaml)"
                     if new.offload_parameters else f"ZeRO-{new.stage} (recipes/accelerate/zero3.yaml)")

@@ -6,7 +6,9 @@ JSON) unless given here. The model states follow DeepSpeed's accounting (16-bit 
 parameter 16 more bytes: fp32 master weights, gradients, Adam moments), split into trainable and frozen
 parameters, which DeepSpeed's own estimators (printed alongside) do not: they assume every parameter
 trains. Added on top: the ZeRO-3 gather of one whole sparse MoE block (a leaf unit) with its prefetch,
-activations under gradient checkpointing (an estimate), and runtime overhead.
+activations under gradient checkpointing (an estimate), and runtime overhead. Under expert parallelism
+(no ZeRO) each device holds the whole model but 1/N of the experts. What each device sends per micro-step:
+finetune/planning/traffic.py.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class Counts:
     largest_block: int  # parameters of the largest sparse MoE block (gathered as one ZeRO-3 leaf)
     quantizable: int = 0  # frozen weights `quantization: nf4` stores in 4 bits (attention projections, experts)
     quantized_bytes: float = 0.0  # what those take in 4 bits, with their block scales
+    experts: int = 0  # parameters of the expert stacks and their LoRA factors: what expert parallelism splits
+    trainable_experts: int = 0  # of those, the trained ones
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,8 @@ class Setup:
     """The recipe's `quantization`: `nf4` stores attention and expert weights in 4 bits (no DeepSpeed)."""
     prefetch_bucket_size: float = 0.0
     """DeepSpeed's stage3_prefetch_bucket_size ("auto" resolved: finetune/planning/prefetch.py); 0 = not read."""
+    expert_parallel: int = 1
+    """The recipe's `expert_parallel`: each device holds 1/N of the experts (and their trained states), no ZeRO."""
 
     @property
     def world(self) -> int:
@@ -103,7 +109,8 @@ def count_parameters(recipe: Recipe, config) -> Counts:
     blocks = moe_blocks(model)
     largest = max(sum(p.numel() for p in b.parameters()) for b in blocks) if blocks else 0
     return Counts(sum(total.values()), sum(trainable.values()), largest, attention + experts,
-                  attention * LINEAR_BYTES_PER_WEIGHT + experts * EXPERT_BYTES_PER_WEIGHT)
+                  attention * LINEAR_BYTES_PER_WEIGHT + experts * EXPERT_BYTES_PER_WEIGHT,
+                  total["experts"], trainable["experts"])
 
 
 def zero_settings(recipe: Recipe, zero: int | None, offload: bool | None) -> tuple[int, bool, bool, dict]:
@@ -150,12 +157,24 @@ def estimate(recipe: Recipe, config, counts: Counts, setup: Setup, device: str) 
         plan.rows.append(("4-bit: one layer's expert stack dequantized for its matmul",
                           config.num_local_experts * 2 * config.intermediate_size * config.hidden_size
                           * weight_bytes))  # gate_up, the larger (finetune/moe/nf4.py)
+    elif setup.expert_parallel > 1:  # no ZeRO: everything whole but the experts, 1/N of them per device
+        ep = setup.expert_parallel
+        weights = (counts.total - counts.experts * (ep - 1) / ep) * weight_bytes
+        experts = config.num_local_experts // ep
+        plan.rows.append((f"weights ({dtype_name}, experts /{ep}: {experts} of {config.num_local_experts} per layer)",
+                          weights))
     else:
         weights = 0 if off_param else counts.total * weight_bytes / (world if stage == 3 else 1)
         how = dtype_name + (f", sharded /{world}" if stage == 3 else "") + (", offloaded" if off_param else "")
         plan.rows.append((f"weights ({how})", weights))
-    states = 0 if off_opt else counts.trainable * state_bytes / (world if stage >= 1 else 1)
-    how = f"{counts.trainable:,} params" + (f", sharded /{world}" if stage >= 1 else "") + (", offloaded" if off_opt else "")
+    if setup.expert_parallel > 1:
+        ep = setup.expert_parallel
+        held = counts.trainable - counts.trainable_experts * (ep - 1) / ep
+        states = held * state_bytes
+        how = f"{held:,.0f} params, experts' /{ep}"
+    else:
+        states = 0 if off_opt else counts.trainable * state_bytes / (world if stage >= 1 else 1)
+        how = f"{counts.trainable:,} params" + (f", sharded /{world}" if stage >= 1 else "") + (", offloaded" if off_opt else "")
     plan.rows.append((f"trained: grads, master, Adam ({how})", states))
     if stage == 3 and not off_param and setup.max_reuse_distance >= counts.total:
         kept = min(counts.total, max(setup.max_live_parameters, 2 * counts.largest_block))

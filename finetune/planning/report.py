@@ -45,6 +45,7 @@ def render(recipe, source, counts, plan, args, setup: Setup, ds) -> str:
 def describe(setup: Setup, device_word: str = "GPU") -> str:
     return (f"{setup.nodes} node(s) x {setup.gpus} {device_word}(s), "
             + (f"DeepSpeed ZeRO-{setup.stage}" if setup.stage else "no ZeRO")
+            + (f", expert parallel {setup.expert_parallel}" if setup.expert_parallel > 1 else "")
             + (", optimizer offloaded" if setup.offload_optimizer else "")
             + (", parameters offloaded" if setup.offload_parameters else "")
             + f", micro-batch {setup.micro_batch} x {setup.max_length} tokens"
