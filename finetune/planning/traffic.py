@@ -3,8 +3,9 @@
 
 Per micro-step of `tokens` = micro-batch x max_length on each device, N devices sharing the work:
 - ZeRO-3 gathers every parameter twice (forward, then backward with its checkpointed recompute), receiving
-  the (N-1)/N of each it does not hold: 2 x params x bytes x (N-1)/N; and reduce-scatters the trained
-  parameters' gradients: trainable x bytes x (N-1)/N.
+  the (N-1)/N of each it does not hold: 2 x params x bytes x (N-1)/N (once for a model small enough to stay
+  gathered, under stage3_max_reuse_distance); and reduce-scatters the trained gradients: trainable x bytes x
+  (N-1)/N.
 - Expert parallelism (EP=N, finetune/moe/expert_parallel.py) sends each routed row to its expert's device
   and back, forward, in the checkpointed recompute and in backward: 6 all-to-alls per layer, each of
   tokens x top-k x hidden x bytes, of which (N-1)/N leaves the device when routing is balanced. Dense
@@ -46,9 +47,13 @@ def link_for(devices_spanned: int, gpus_per_node: int) -> tuple[float, str]:
     return NODE_LINK_BYTES_PER_S, f"between nodes {NODE_LINK_BYTES_PER_S / 1e9:.0f} GB/s"
 
 
-def zero3_traffic(total_params: int, trainable: int, world: int, gpus_per_node: int, weight_bytes: int) -> Traffic:
+def zero3_traffic(total_params: int, trainable: int, world: int, gpus_per_node: int, weight_bytes: int,
+                  max_reuse_distance: float = 1e9) -> Traffic:
     share = (world - 1) / world
-    rows = (("ZeRO-3 all-gather of every parameter, forward and backward", 2 * total_params * weight_bytes * share),
+    # A model within stage3_max_reuse_distance keeps what the forward gathered for its backward (the memory
+    # plan's "kept for reuse" row); a larger one, Mixtral's, is gathered again.
+    gathers, when = (1, "once, kept for backward") if max_reuse_distance >= total_params else (2, "forward and backward")
+    rows = ((f"ZeRO-3 all-gather of every parameter, {when}", gathers * total_params * weight_bytes * share),
             ("ZeRO-3 reduce-scatter of the trained gradients", trainable * weight_bytes * share))
     return Traffic(rows, *link_for(world, gpus_per_node))
 
@@ -64,13 +69,15 @@ def expert_parallel_traffic(config, tokens: int, ep: int, dense_trainable: int, 
 
 
 def render_traffic(traffic: Traffic, other: Traffic | None = None, other_name: str = "") -> list[str]:
-    lines = [f"sent per device per micro-step{'':<35} GB"]
-    lines += [f"  {what:<72} {size / 1e9:8.2f}" for what, size in traffic.rows]
-    lines.append(f"  {'total':<72} {traffic.total / 1e9:8.2f}  = {traffic.seconds * 1e3:,.0f} ms at {traffic.link}")
+    scale, unit = next((s, u) for s, u in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1, "B"))
+                       if traffic.total >= s or s == 1)
+    lines = [f"sent per device per micro-step{'':<35} {unit}"]
+    lines += [f"  {what:<72} {size / scale:8.2f}" for what, size in traffic.rows]
+    lines.append(f"  {'total':<72} {traffic.total / scale:8.2f}  = {traffic.seconds * 1e3:,.3g} ms at {traffic.link}")
     if other is not None:
         ratio = other.total / traffic.total
         compared = f"{ratio:.1f}x the bytes" if ratio >= 1 else f"{1 / ratio:.1f}x fewer bytes"
-        lines.append(f"  {other_name}: {other.total / 1e9:.2f} GB = {other.seconds * 1e3:,.0f} ms at {other.link} "
+        lines.append(f"  {other_name}: {other.total / scale:.2f} {unit} = {other.seconds * 1e3:,.3g} ms at {other.link} "
                      f"({compared})")
     return lines
 
@@ -87,7 +94,8 @@ def traffic_lines(config, counts, setup, weight_bytes: int) -> list[str]:
         return []
     tokens = setup.micro_batch * setup.max_length
     dense_trainable = counts.trainable - counts.trainable_experts
-    zero3 = zero3_traffic(counts.total, counts.trainable, setup.world, setup.gpus, weight_bytes)
+    zero3 = zero3_traffic(counts.total, counts.trainable, setup.world, setup.gpus, weight_bytes,
+                          setup.max_reuse_distance)
     if setup.expert_parallel > 1:
         ep = expert_parallel_traffic(config, tokens, setup.expert_parallel, dense_trainable, setup.accumulation,
                                      setup.world, setup.gpus, weight_bytes)
