@@ -118,8 +118,9 @@ def test_one_expert_parallel_step_equals_data_parallel(tiny_model_dir, four_rows
 
     common = ["lora.init_lora_weights=false", "moe.z_loss_coef=0.001", "train.optim=sgd", "train.max_grad_norm=0",
               "train.weight_decay=0"]
-    launch_sft(tmp_path / "ep", four_rows, tiny_model_dir, *common, "expert_parallel=2", max_steps=1,
-               learning_rate=1.0, per_device_train_batch_size=2)
+    proc = launch_sft(tmp_path / "ep", four_rows, tiny_model_dir, *common, "expert_parallel=2", max_steps=1,
+                      learning_rate=1.0, per_device_train_batch_size=2)
+    assert "expert parallel: each process holds 2 of the 4 experts of every layer (this one experts 0-1;" in proc.stdout
     launch_sft(tmp_path / "ddp", four_rows, tiny_model_dir, *common, max_steps=1, learning_rate=1.0,
                per_device_train_batch_size=2)
     assert sft_main([SFT, *overrides_for(tiny_model_dir, tmp_path / "start", four_rows, *common, max_steps=1,

@@ -68,6 +68,11 @@ def announce(model, recipe: Recipe, args, data: Prepared) -> None:
     if recipe.sequence_parallel > 1:
         print(f"sequence parallel: each row's tokens split across {recipe.sequence_parallel} processes "
               "(DeepSpeed Ulysses); the data-parallel batch is per group of them")
+    shard = next((p.expert_shard for p in model.parameters() if getattr(p, "expert_shard", None)), None)
+    if shard is not None:
+        print(f"expert parallel: each process holds {shard.local} of the {shard.total} experts of every layer "
+              f"(this one experts {shard.first}-{shard.first + shard.local - 1}; the table above counts its share), "
+              f"and sends each routed token to its expert's process")
 
 
 def trainer_inputs(recipe: Recipe, data: Prepared, encoder: ChatEncoder) -> dict:
