@@ -3,7 +3,8 @@
 Only where nothing public does the job. `problems()` says which of them a pinned library release has
 changed (tests/test_private_apis.py runs it), so an upgrade fails with the API's name, not deep inside
 a training run. The method overrides (`_save`, `_prepare_dataset`, `_precompute_ref_logps`) live in
-finetune/dpo.py, `_clip_grad_norm` in finetune/train/trainer.py; the functions below are the only way the rest of the package reaches the others.
+finetune/dpo.py, `_clip_grad_norm` and `_get_grad_norm` in finetune/train/trainer.py; the functions below
+are the only way the rest of the package reaches the others.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ USED = {
     "for a GPU in tests/test_host_syncs.py",
     "transformers Trainer._clip_grad_norm(model)": "under expert parallelism, clip by one norm over every expert "
     "(each process holds different ones, so each process's own norm would clip the shared weights differently)",
+    "transformers Trainer._get_grad_norm(model, grad_norm)": "under expert parallelism without clipping, log the "
+    "one norm over every expert, not the main process's share",
     "torch._C._current_graph_task_id()": "whether a forward is a gradient-checkpointing recompute inside backward, "
     "so router logits are not collected twice",
 }
@@ -116,6 +119,11 @@ def problems() -> list[str]:
         found.append("transformers Trainer._clip_grad_norm(model) is gone or changed (expert-parallel clipping)")
     elif "self._clip_grad_norm(" not in inspect.getsource(Trainer):
         found.append("transformers Trainer no longer clips through self._clip_grad_norm (expert-parallel clipping)")
+    norm = getattr(Trainer, "_get_grad_norm", None)
+    if norm is None or list(inspect.signature(norm).parameters) != ["self", "model", "grad_norm"]:
+        found.append("transformers Trainer._get_grad_norm(model, grad_norm) is gone or changed (expert-parallel norm)")
+    elif "self._get_grad_norm(" not in inspect.getsource(Trainer):
+        found.append("transformers Trainer no longer logs its norm through self._get_grad_norm (expert-parallel norm)")
     from torch.nn.parallel import DistributedDataParallel
 
     setter = getattr(DistributedDataParallel, "_set_params_and_buffers_to_ignore_for_model", None)

@@ -153,5 +153,6 @@ def clip_gradients(parameters, expert_parameters, max_norm: float, shard: Expert
     expert_square = (get_total_norm(local).to(device) ** 2 if local else torch.zeros((), device=device)).float()
     dist.all_reduce(expert_square, group=shard.group)
     total = torch.sqrt(dense_norm.float() ** 2 + expert_square)
-    clip_grads_with_norm_(params, max_norm, total)
+    if max_norm != float("inf"):  # inf: the norm alone, for the log
+        clip_grads_with_norm_(params, max_norm, total)
     return total

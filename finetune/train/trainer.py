@@ -69,11 +69,22 @@ class MoETrainerMixin:
     def _clip_grad_norm(self, model):
         """Under expert parallelism, one norm over all experts, the same on every process
         (finetune/moe/expert_parallel.py: `clip_gradients`); Trainer's own otherwise."""
+        norm = self._expert_parallel_norm(model, self.args.max_grad_norm)
+        return super()._clip_grad_norm(model) if norm is None else norm
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The logged norm: under expert parallelism without clipping, the same one norm over all experts, not
+        the main process's own share."""
+        if grad_norm is None:
+            grad_norm = self._expert_parallel_norm(model, float("inf"))
+        return super()._get_grad_norm(model, grad_norm)
+
+    def _expert_parallel_norm(self, model, max_norm: float):
         shards = sharded_parameters(model)
         if not shards:
-            return super()._clip_grad_norm(model)
+            return None
         shard = next(iter(shards.values())).expert_shard
-        return clip_gradients(list(model.parameters()), shards.values(), self.args.max_grad_norm, shard)
+        return clip_gradients(list(model.parameters()), shards.values(), max_norm, shard)
 
     def log(self, logs, start_time=None):
         mode = "train" if self.model.training else "eval"
