@@ -32,6 +32,13 @@ def tiny_overrides(model_dir, output_dir, **train):
     return items
 
 
+def load_tiny_recipe(tmp_path, model, *overrides, path=SFT_RECIPE):
+    """A recipe (SFT's tiny one unless `path`) on `model`, parsed as the commands parse it, nothing built."""
+    from finetune.recipe.loading import load_recipe
+
+    return load_recipe(path, [f"model={model}", f"output_dir={tmp_path / 'out'}", "resume=never", *overrides])
+
+
 def make_trainer(model_dir, out, *extra, **train):
     """(recipe, trainer, encoder) of the tiny SFT recipe, built as `finetune sft` builds it, not trained."""
     from finetune.recipe.loading import load_recipe

@@ -15,18 +15,13 @@ from safetensors.torch import load_file
 from finetune.files.adapter_folder import expert_factors
 from finetune.moe.expert_parallel import ExpertShard
 from finetune.moe.expert_shards import _expert_slice
-from finetune.recipe.loading import load_recipe
 from finetune.recipe.schema import RecipeError
 from finetune.train.launch import check_expert_parallel_runs_here
 from finetune.train.preflight import preflight
-from helpers import ROOT, assert_same_as_one_process, launch, log_history, make_trainer, overrides_for
+from helpers import ROOT, assert_same_as_one_process, launch, load_tiny_recipe, log_history, make_trainer, overrides_for
 
 SFT = "recipes/tiny/sft.yaml"
 EP_LAUNCH = "recipes/accelerate/cpu_ep.yaml"
-
-
-def recipe(tmp_path, model, *overrides, path=SFT):
-    return load_recipe(path, [f"model={model}", f"output_dir={tmp_path / 'out'}", "resume=never", *overrides])
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -41,23 +36,23 @@ def recipe(tmp_path, model, *overrides, path=SFT):
 ])
 def test_impossible_expert_parallel_recipes_fail_at_parse_time(tmp_path, tiny_model_dir, overrides, message):
     with pytest.raises(RecipeError, match=re.escape(message)):
-        recipe(tmp_path, tiny_model_dir, *overrides)
+        load_tiny_recipe(tmp_path, tiny_model_dir, *overrides)
 
 
 def test_expert_parallel_is_for_sft(tmp_path, tiny_model_dir):
     with pytest.raises(RecipeError, match="expert_parallel: 2 is for SFT only"):
-        recipe(tmp_path, tiny_model_dir, "expert_parallel=2", f"dpo.sft_adapter={tmp_path}", path="recipes/tiny/dpo.yaml")
+        load_tiny_recipe(tmp_path, tiny_model_dir, "expert_parallel=2", f"dpo.sft_adapter={tmp_path}", path="recipes/tiny/dpo.yaml")
 
 
 def test_preflight_refuses_experts_that_do_not_split_and_a_single_process(tmp_path, tiny_model_dir, monkeypatch):
     # The tiny model has 4 experts per layer; recipes/accelerate/ep8.yaml starts 8 processes.
-    eight = recipe(tmp_path, tiny_model_dir, "expert_parallel=8", "launch=recipes/accelerate/ep8.yaml")
+    eight = load_tiny_recipe(tmp_path, tiny_model_dir, "expert_parallel=8", "launch=recipes/accelerate/ep8.yaml")
     with pytest.raises(RecipeError, match="expert_parallel: 8 must divide the model's 4 experts per layer"):
         preflight(eight)
     with pytest.raises(RecipeError, match="expert_parallel: 2 needs 2 or a multiple of 2 processes"):
-        preflight(recipe(tmp_path, tiny_model_dir, "expert_parallel=2", "launch=null"))
+        preflight(load_tiny_recipe(tmp_path, tiny_model_dir, "expert_parallel=2", "launch=null"))
     # Under `accelerate launch` (the environment it sets).
-    launched = recipe(tmp_path, tiny_model_dir, "expert_parallel=2", "launch=null")
+    launched = load_tiny_recipe(tmp_path, tiny_model_dir, "expert_parallel=2", "launch=null")
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)

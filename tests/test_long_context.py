@@ -12,22 +12,18 @@ from finetune.recipe.schema import RecipeError
 from finetune.train.arguments import trainer_args
 from finetune.train.launch import check_sequence_parallel_runs_here
 from finetune.train.preflight import preflight
-from helpers import tiny_overrides
+from helpers import load_tiny_recipe, tiny_overrides
 
 SFT = "recipes/tiny/sft.yaml"
 
 
-def recipe(tmp_path, model, *overrides, path=SFT):
-    return load_recipe(path, [f"model={model}", f"output_dir={tmp_path / 'out'}", "resume=never", *overrides])
-
-
 def test_accelerate_receives_a_deepspeed_ulysses_config(tmp_path, tiny_model_dir):
-    args = trainer_args(recipe(tmp_path, tiny_model_dir, "sequence_parallel=2",
+    args = trainer_args(load_tiny_recipe(tmp_path, tiny_model_dir, "sequence_parallel=2",
                                "launch=recipes/accelerate/cpu_zero3.yaml"))
     config = args.parallelism_config
     assert (config.sp_backend, config.sp_size, config.sp_enabled) == ("deepspeed", 2, True)
     assert config.sp_handler.sp_seq_length_is_variable and config.sp_handler.sp_attn_implementation == "sdpa"
-    assert trainer_args(recipe(tmp_path, tiny_model_dir)).parallelism_config is None  # off by default
+    assert trainer_args(load_tiny_recipe(tmp_path, tiny_model_dir)).parallelism_config is None  # off by default
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -39,26 +35,26 @@ def test_accelerate_receives_a_deepspeed_ulysses_config(tmp_path, tiny_model_dir
 ])
 def test_impossible_sequence_parallel_recipes_fail_at_parse_time(tmp_path, tiny_model_dir, overrides, message):
     with pytest.raises(RecipeError, match=re.escape(message)):
-        recipe(tmp_path, tiny_model_dir, *overrides)
+        load_tiny_recipe(tmp_path, tiny_model_dir, *overrides)
 
 
 def test_sequence_parallel_is_for_sft(tmp_path, tiny_model_dir):
     with pytest.raises(RecipeError, match="sequence_parallel is for SFT; DPO keeps each pair whole"):
-        recipe(tmp_path, tiny_model_dir, "sequence_parallel=2", "launch=recipes/accelerate/cpu_zero3.yaml",
+        load_tiny_recipe(tmp_path, tiny_model_dir, "sequence_parallel=2", "launch=recipes/accelerate/cpu_zero3.yaml",
                f"dpo.sft_adapter={tmp_path}", path="recipes/tiny/dpo.yaml")
 
 
 def test_preflight_refuses_heads_that_do_not_split_and_a_run_without_deepspeed(tmp_path, tiny_model_dir, monkeypatch):
     # The tiny model has 4 attention heads; recipes/accelerate/zero3.yaml has 8 processes.
-    eight = recipe(tmp_path, tiny_model_dir, "sequence_parallel=8", "launch=recipes/accelerate/zero3.yaml")
+    eight = load_tiny_recipe(tmp_path, tiny_model_dir, "sequence_parallel=8", "launch=recipes/accelerate/zero3.yaml")
     with pytest.raises(RecipeError, match="sequence_parallel: 8 must divide the model's 4 attention heads"):
         preflight(eight)
     # No launch in the recipe and not under `accelerate launch`: nothing would bring DeepSpeed.
     with pytest.raises(RecipeError, match="runs under DeepSpeed"):
-        preflight(recipe(tmp_path, tiny_model_dir, "sequence_parallel=2", "launch=null"))
+        preflight(load_tiny_recipe(tmp_path, tiny_model_dir, "sequence_parallel=2", "launch=null"))
     # Under `accelerate launch` (the environment it sets; preflight's part that reads it, alone: TRL's
     # arguments would start the process group).
-    launched = recipe(tmp_path, tiny_model_dir, "sequence_parallel=2", "launch=null")
+    launched = load_tiny_recipe(tmp_path, tiny_model_dir, "sequence_parallel=2", "launch=null")
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)  # e.g. plain DDP
@@ -73,7 +69,7 @@ def test_preflight_refuses_heads_that_do_not_split_and_a_run_without_deepspeed(t
 
 def test_activation_offloading_is_refused_on_the_cpu(tmp_path, tiny_model_dir):  # device: cpu, on any machine
     with pytest.raises(RecipeError, match="train.activation_offloading moves activations from GPU to CPU memory"):
-        preflight(recipe(tmp_path, tiny_model_dir, "train.activation_offloading=true", "launch=null"))
+        preflight(load_tiny_recipe(tmp_path, tiny_model_dir, "train.activation_offloading=true", "launch=null"))
 
 
 @pytest.mark.gpu

@@ -22,17 +22,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from finetune.files.checkpoint_layout import STACKS
 from finetune.moe.expert_lora import route_experts
 from finetune.moe.expert_parallel import ExpertShard, expert_parallel_groups, watch_expert_gradients
-
-STACKS = ("gate_up_proj", "down_proj")
+from finetune.moe.router import moe_blocks
 
 
 def expert_modules(model: nn.Module) -> list[nn.Module]:
-    """The fused experts modules (transformers 5's MixtralExperts), in model order."""
-    return [m for m in model.modules()
-            if all(isinstance(getattr(m, name, None), torch.Tensor) and getattr(m, name).dim() == 3 for name in STACKS)
-            and hasattr(m, "num_experts")]
+    """The fused experts module of every MoE block, in model order (under PEFT's wrappers, if any)."""
+    modules = [block.experts for block in moe_blocks(model)]
+    return [m.get_base_layer() if hasattr(m, "get_base_layer") else m for m in modules]
 
 
 def shard_experts(model: nn.Module, size: int) -> dict[str, nn.Parameter]:

@@ -1,8 +1,8 @@
 """What fits instead, when `finetune.plan` says DOES NOT FIT: the nearest changes that do, each planned again.
 
 Each axis that lowers memory per device (more devices, expert parallelism, ZeRO-3, ZeRO-3 with offload, a
-4-bit base, a smaller micro-batch at the same global batch, a shorter `data.max_length`) is walked from the nearest setup outwards,
-and the first setup that fits is kept. When no single change fits, pairs of changes are tried. Every
+4-bit base, a smaller micro-batch at the same global batch, a shorter `data.max_length`) is walked from the
+nearest setup outwards, and the first setup that fits is kept. When no single change fits, pairs of changes are tried. Every
 suggestion is printed with the `finetune.plan` command that plans it, so it can be checked, and a test does
 exactly that. A 4-bit base runs without DeepSpeed, so it is never combined with ZeRO or more devices.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from finetune.planning.memory import GIB, Plan, Setup
+from finetune.planning.traffic import expert_parallel_sizes
 
 MAX_NODES = 64
 
@@ -37,7 +38,7 @@ def axes(setup: Setup, experts: int = 0) -> dict[str, list[Setup]]:
     if setup.expert_parallel > 1:  # plain data parallel with the experts split: no ZeRO, no 4-bit
         return {"devices": more_devices, "micro_batch": smaller, "max_length": shorter}
     ep = [replace(setup, stage=0, offload_optimizer=False, offload_parameters=False, expert_parallel=n)
-          for n in range(2, min(setup.gpus, experts) + 1) if experts % n == 0 and setup.world % n == 0]
+          for n in expert_parallel_sizes(experts, setup.gpus, setup.world)]
     return {
         "devices": more_devices,
         "expert_parallel": ep,

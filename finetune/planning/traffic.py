@@ -82,10 +82,10 @@ def render_traffic(traffic: Traffic, other: Traffic | None = None, other_name: s
     return lines
 
 
-def expert_parallel_size(experts: int, gpus_per_node: int) -> int:
-    """The EP size a node offers a model: the largest divisor of its experts that fits in one node (the
-    all-to-all stays on NVLink); 1 when there is none above 1."""
-    return max((n for n in range(1, experts + 1) if experts % n == 0 and n <= gpus_per_node), default=1)
+def expert_parallel_sizes(experts: int, gpus_per_node: int, world: int) -> list[int]:
+    """The EP sizes a setup offers a model, smallest first: above 1, dividing its experts and the processes, and
+    within one node (the all-to-all stays on NVLink)."""
+    return [n for n in range(2, min(experts, gpus_per_node) + 1) if experts % n == 0 and world % n == 0]
 
 
 def traffic_lines(config, counts, setup, weight_bytes: int) -> list[str]:
@@ -102,9 +102,10 @@ def traffic_lines(config, counts, setup, weight_bytes: int) -> list[str]:
         return render_traffic(ep, zero3, "ZeRO-3 on the same devices instead")
     if setup.stage != 3:
         return []
-    size = expert_parallel_size(config.num_local_experts, setup.gpus)
-    if size == 1 or setup.world % size:
+    sizes = expert_parallel_sizes(config.num_local_experts, setup.gpus, setup.world)
+    if not sizes:
         return render_traffic(zero3)
+    size = sizes[-1]
     ep = expert_parallel_traffic(config, tokens, size, dense_trainable, setup.accumulation, setup.world, setup.gpus,
                                  weight_bytes)
     return render_traffic(zero3, ep, f"expert_parallel={size} instead")

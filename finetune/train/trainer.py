@@ -48,6 +48,7 @@ class MoETrainerMixin:
         self.throughput = Throughput()
         self.expert_optimizer = ExpertOptimizerFiles()
         self.add_callback(self.expert_optimizer)
+        self.expert_shards = sharded_parameters(self.model)  # expert parallelism: set before the trainer exists
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         self.expert_optimizer.resume_from = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
@@ -80,11 +81,10 @@ class MoETrainerMixin:
         return super()._get_grad_norm(model, grad_norm)
 
     def _expert_parallel_norm(self, model, max_norm: float):
-        shards = sharded_parameters(model)
-        if not shards:
+        if not self.expert_shards:
             return None
-        shard = next(iter(shards.values())).expert_shard
-        return clip_gradients(list(model.parameters()), shards.values(), max_norm, shard)
+        shard = next(iter(self.expert_shards.values())).expert_shard
+        return clip_gradients(list(model.parameters()), self.expert_shards.values(), max_norm, shard)
 
     def log(self, logs, start_time=None):
         mode = "train" if self.model.training else "eval"
