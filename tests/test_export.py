@@ -150,6 +150,24 @@ def test_bad_adapter_is_a_clear_error(tmp_path, capsys, sharded_base):
     assert "no adapter_config.json" in capsys.readouterr().err
 
 
+def test_an_adapter_tensor_the_export_cannot_merge_is_refused_not_dropped(sharded_base, adapter, tmp_path, capsys):
+    """E.g. PEFT's trainable token rows (`trainable_tokens_delta`): left out, the merged model would silently
+    lack them."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "adapter"
+    shutil.copytree(adapter, copy)
+    weights = load_file(copy / "adapter_model.safetensors")
+    weights["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"] = torch.zeros(2, 64)
+    save_file(weights, copy / "adapter_model.safetensors")
+    assert export_main([str(copy), "--out", str(tmp_path / "o"), "--base", str(sharded_base)]) == 2
+    error = capsys.readouterr().err
+    assert "token_adapter.trainable_tokens_delta is neither LoRA factors nor a router" in error
+    assert not (tmp_path / "o").exists()
+
+
 def test_fused_base_checkpoint_is_merged_and_written_in_original_layout(sharded_base, adapter, tmp_path):
     """A base saved in transformers 5's fused in-memory layout (experts.gate_up_proj / down_proj)."""
     import shutil

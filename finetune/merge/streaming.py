@@ -45,7 +45,7 @@ class Adapter:
     def __init__(self, folder: str | Path, hidden: int, intermediate: int, experts: int):
         self.folder = Path(folder)
         self.config = read_adapter_config(self.folder)
-        for key in ("rank_pattern", "alpha_pattern"):
+        for key in ("rank_pattern", "alpha_pattern", "trainable_token_indices"):
             if self.config.get(key):
                 raise ExportError(f"{self.folder}: {key} is not supported by the streaming export")
         if self.config.get("use_dora"):
@@ -83,6 +83,10 @@ class Adapter:
                     self.attention[stem + "weight"] = (key, b_key)
             elif re.search(r"\.mlp\.gate\.weight$", name):
                 self.routers[int(re.search(r"layers\.(\d+)\.", name).group(1))] = key
+            elif not name.endswith("lora_B.weight"):
+                # A tensor this export would not merge: refused, never left out of the merged model unsaid.
+                raise ExportError(f"{self.folder}: {key} is neither LoRA factors nor a router; the streaming export "
+                                  "cannot merge it")
 
     def tensor(self, key: str) -> torch.Tensor:
         return self._file.get(key).float()
@@ -156,7 +160,7 @@ def base_files(base: str) -> Path:
         try:
             from huggingface_hub import snapshot_download
 
-            folder = Path(snapshot_download(base, allow_patterns=["*.safetensors", "*.json", "tokenizer.model"]))
+            folder = Path(snapshot_download(base, allow_patterns=["*.safetensors", "*.json", "tokenizer.model*"]))
         except Exception as err:
             raise ExportError(f"cannot find the base model {base!r} (not a folder; Hub: {err})") from None
     if not any(folder.glob("*.safetensors")):
