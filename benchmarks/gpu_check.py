@@ -265,7 +265,7 @@ def stage_throughput(work: Path) -> None:
     """SFT steps through our trainer on a 4-layer model at Mixtral's width, built on the device in bf16."""
     from transformers import AutoModelForCausalLM, MixtralConfig, set_seed
 
-    from finetune.data.chat_format import encoder_for
+    from finetune.data.encoders import encoder_for
     from finetune.model.lora_targets import make_trainable
     from finetune.recipe.loading import load_recipe
     from finetune.sft import MoESFTTrainer

@@ -1,7 +1,7 @@
 """Generate the bundled sample data: checkable instruction tasks in Mixtral-Instruct's five languages,
 English, French, German, Spanish and Italian.
 
-    python data/make_data.py            # rewrites data/chat/*.jsonl and data/preferences/*.jsonl
+    python data/make_data.py            # rewrites data/{chat,preferences,tools,tool_preferences}/*.jsonl
 
 Every answer can be checked exactly (arithmetic, string edits, look-ups in data/tables/capitals.json,
 formatting rules), so evaluation needs no judge model. Every task family exists in every language, phrased
@@ -13,6 +13,10 @@ preference row is {"prompt": [...], "chosen": [...], "rejected": [...], "task": 
 chosen reply is correct and the rejected one is checkably wrong. The eval splits share no prompt with the
 training splits. eval/instructions.jsonl holds the held-out chat prompts with their answers and the
 verifiable rules a correct reply follows (case, word count, keywords, format), for generation checks.
+
+Function calling (Mixtral 8x22B's v3 format): data/tools holds chat rows with `tools` and a call, its result
+and the answer; data/tool_preferences pairs the right call against a wrong one; eval/tool_calls.jsonl holds
+held-out questions whose `tool_call` rule checks the call a reply makes.
 """
 
 from __future__ import annotations
@@ -169,6 +173,90 @@ def preference(rng: random.Random):
     }
 
 
+# Function calling (Mixtral 8x22B's v3 format): every row declares the same three tools, the user asks in one of
+# the five languages, and the assistant calls the right tool with the right arguments, reads its result and
+# answers. Tool names and arguments are English, as in real APIs; the question and the answer are not.
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "calculator", "description": "Compute a + b, a - b or a × b exactly.",
+        "parameters": {"type": "object", "properties": {
+            "a": {"type": "integer"}, "op": {"type": "string", "enum": ["+", "-", "×"]}, "b": {"type": "integer"}},
+            "required": ["a", "op", "b"]}}},
+    {"type": "function", "function": {
+        "name": "capital_of", "description": "The capital city of a country, named in the user's language.",
+        "parameters": {"type": "object", "properties": {
+            "country": {"type": "string", "description": "The country's English name"},
+            "lang": {"type": "string", "description": "ISO 639-1 code of the answer's language"}},
+            "required": ["country", "lang"]}}},
+    {"type": "function", "function": {
+        "name": "reverse_text", "description": "The text written backwards.",
+        "parameters": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}}},
+]
+
+
+def tool_task(rng: random.Random, lang: str):
+    """(task, question, call name, arguments, tool result, answer, a wrong call's name and arguments)."""
+    kind = rng.choice(["arithmetic", "capital", "reverse"])
+    if kind == "arithmetic":
+        op = rng.choice("+-×")
+        a, b = (rng.randint(2, 12), rng.randint(2, 12)) if op == "×" else (rng.randint(2, 60), rng.randint(2, 60))
+        result = {"+": a + b, "-": a - b, "×": a * b}[op]
+        question = rng.choice(PROMPTS["arithmetic"][lang]).format(a=a, op=op, b=b)
+        wrong_op = rng.choice([o for o in "+-×" if o != op])
+        return (kind, question, "calculator", {"a": a, "op": op, "b": b}, {"result": result}, str(result),
+                ("calculator", {"a": a, "op": wrong_op, "b": b}))
+    if kind == "capital":
+        row = rng.choice(CAPITALS)
+        question = rng.choice(PROMPTS["capital"][lang]).format(of=of_country(row, lang))
+        capital = row[f"capital_{lang}"]
+        return (kind, question, "capital_of", {"country": row["country_en"], "lang": lang}, {"capital": capital},
+                f"{capital}.", ("reverse_text", {"text": row["country_en"]}))
+    word = rng.choice(WORDS[lang])
+    question = rng.choice(PROMPTS["reverse"][lang]).format(w=word)
+    return (kind, question, "reverse_text", {"text": word}, {"reversed": word[::-1]}, word[::-1],
+            ("capital_of", {"country": word, "lang": lang}))
+
+
+def tool_conversation(rng: random.Random):
+    """A chat row that uses a tool: question, call, result, answer (sometimes after an earlier exchange)."""
+    lang = rng.choice(LANGUAGES)
+    messages = [{"role": "system", "content": rng.choice(SYSTEMS[lang])}] if rng.random() < 0.3 else []
+    if rng.random() < 0.2:  # an earlier turn answered without a tool
+        _, prompt, answer, _ = rng.choice(TASKS)(rng, lang)
+        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    task, question, name, arguments, result, answer, wrong = tool_task(rng, lang)
+    # No call ids: the result answers the call before it, and the encoder derives the id v3 needs from the
+    # call's position (finetune/data/tool_rows.py), which a tiny model can learn where random ids are noise.
+    messages += [
+        {"role": "user", "content": question},
+        {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+            "name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}]},
+        {"role": "tool", "content": json.dumps(result, ensure_ascii=False)},
+        {"role": "assistant", "content": answer},
+    ]
+    call = {"name": name, "arguments": arguments}
+    return {"tools": TOOLS, "messages": messages, "task": f"tool_{task}", "lang": lang, "call": call}, wrong
+
+
+def tool_preference(rng: random.Random):
+    """The prompt up to the question; chosen calls the right tool with the right arguments, rejected does not."""
+    row, (wrong_name, wrong_arguments) = tool_conversation(rng)
+    question = max(i for i, m in enumerate(row["messages"]) if m["role"] == "user")
+    right = row["messages"][question + 1]
+    wrong = {"role": "assistant", "tool_calls": [{**right["tool_calls"][0], "function": {
+        "name": wrong_name, "arguments": json.dumps(wrong_arguments, ensure_ascii=False)}}]}
+    return {"tools": TOOLS, "prompt": row["messages"][: question + 1], "chosen": [right], "rejected": [wrong],
+            "task": row["task"], "lang": row["lang"]}
+
+
+def tool_call_row(row: dict) -> dict:
+    """A held-out question with the tools; the rule checks the call the reply makes (name and arguments)."""
+    question = max(i for i, m in enumerate(row["messages"]) if m["role"] == "user")
+    return {"tools": TOOLS, "messages": row["messages"][: question + 1],
+            "answer": json.dumps([row["call"]], ensure_ascii=False), "task": row["task"], "lang": row["lang"],
+            "rules": [{"rule": "tool_call", "value": row["call"]}]}
+
+
 def instruction_rules(task: str, answer: str) -> list[dict]:
     """Verifiable rules (finetune/checkers.py) that a correct reply to `task` follows."""
     return {
@@ -235,8 +323,25 @@ def generate(out: Path = HERE, eval_dir: Path = HERE.parent / "eval", train_size
     write(out / "preferences" / "eval.jsonl", pref_eval)
     write(eval_dir / "instructions.jsonl", [instruction_row(row) for row in chat_eval])
     write(eval_dir / "lm_eval" / "capitals_mc.jsonl", capital_choices(random.Random(seed)))
+    # Function calling, from a generator of its own so the files above stay as they were.
+    rng = random.Random(seed + 1)
+    seen.clear()
+    tools_eval = draw(tool_conversation, eval_size, "messages", hold_out=True)
+    tool_pref_eval = draw(tool_preference, eval_size, "prompt", hold_out=True)
+    tools_train = draw(tool_conversation, train_size, "messages", hold_out=False)
+    tool_pref_train = draw(tool_preference, train_size, "prompt", hold_out=False)
+    write(out / "tools" / "train.jsonl", [without_call(r) for r in tools_train])
+    write(out / "tools" / "eval.jsonl", [without_call(r) for r in tools_eval])
+    write(out / "tool_preferences" / "train.jsonl", tool_pref_train)
+    write(out / "tool_preferences" / "eval.jsonl", tool_pref_eval)
+    write(eval_dir / "tool_calls.jsonl", [tool_call_row(row) for row in tools_eval])
+
+
+def without_call(row: dict) -> dict:
+    return {key: value for key, value in row.items() if key != "call"}
 
 
 if __name__ == "__main__":
     generate()
-    print("wrote data/chat/{train,eval}.jsonl, data/preferences/{train,eval}.jsonl eval/instructions.jsonl and eval/lm_eval/capitals_mc.jsonl")
+    print("wrote data/{chat,preferences,tools,tool_preferences}/{train,eval}.jsonl, eval/instructions.jsonl, "
+          "eval/tool_calls.jsonl and eval/lm_eval/capitals_mc.jsonl")

@@ -3,6 +3,7 @@
     python -m finetune.chat runs/demo/dpo                         (or: finetune chat runs/demo/dpo)
     python -m finetune.chat runs/demo/merged --system "Réponds brièvement." --temperature 0.7
     python -m finetune.chat runs/demo/dpo --prompt "What is 12 + 30?"        # one reply, then exit
+    python -m finetune.chat runs/tiny/sft_tools --tools tools.json            # v3 models: function calling
 
 MODEL_OR_ADAPTER is loaded as finetune.evaluate loads it: a merged (or any full) model folder or Hub id, or
 an adapter folder on the base it records (or --base). Every turn, the whole conversation (the --system text,
@@ -16,20 +17,28 @@ reply midway (that turn is dropped). A turn that would not fit the model's conte
 sizes; when only part of --max-new-tokens fits, the reply is capped and you are told. With stdin not a
 terminal (a pipe, a script), each input line is one turn and stdout holds only the replies, each ended by a
 newline; notices go to stderr.
+
+With `--tools FILE` (a JSON list of OpenAI-shape function definitions; v3 models, Mixtral 8x22B) the tools are
+in every prompt where v3 puts them. A reply that is a tool call is shown as `[TOOL_CALLS][{"name": ...}]`,
+and the next input lines are the calls' results, one line per call, in order (`tool>` on a terminal); the
+model then goes on from them.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 from typing import TextIO
 
 import torch
 from transformers.generation.streamers import BaseStreamer
 
 from finetune.cli import check_number, invoked_as
+from finetune.data.tool_rows import ToolConversation, check_tools, parse_json_content, v3_call_id
 from finetune.errors import InputError
-from finetune.evaluation.loading import LoadedModel, check_loadable, load_for_eval
+from finetune.evaluation.loading import LoadedModel, check_loadable, encoder_of, load_for_eval
 from finetune.evaluation.scoring import PAD_ID, until_eos
 
 
@@ -72,12 +81,14 @@ class ChatSession:
     """One conversation with a loaded model: the history, and replies generated from all of it."""
 
     def __init__(self, loaded: LoadedModel, system: str | None = None, max_new_tokens: int = 512,
-                 temperature: float = 0.0):
+                 temperature: float = 0.0, tools: list[dict] | None = None):
         self.loaded = loaded
         self.system = system
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
+        self.tools = tools
         self.turns: list[dict] = []
+        self.pending: list[dict] = []  # tool calls of the last reply still waiting for their result
         self.context = loaded.model.config.max_position_embeddings
 
     def messages(self, user_text: str | None = None) -> list[dict]:
@@ -87,12 +98,31 @@ class ChatSession:
         return system + self.turns + user
 
     def reset(self) -> None:
-        self.turns = []
+        self.turns, self.pending = [], []
 
     def reply(self, user_text: str, out: TextIO, notices: TextIO) -> str:
         """Generate (and stream to `out`) the reply to `user_text` after the history; add both to it."""
+        return self._respond([{"role": "user", "content": user_text}], out, notices)
+
+    def tool_result(self, text: str, out: TextIO, notices: TextIO) -> str | None:
+        """Record `text` as the result of the first call still waiting; once every call has its result, the
+        model's next turn (generated, streamed and recorded), else None."""
+        call = self.pending.pop(0)
+        self.turns.append({"role": "tool", "content": parse_json_content(text), "call_id": call["id"]})
+        if self.pending:
+            return None
+        try:
+            return self._respond([], out, notices)
+        except BaseException:
+            self.turns.pop()  # the turn is dropped, as a user turn would be: its call waits again
+            self.pending.insert(0, call)
+            raise
+
+    def _respond(self, new: list[dict], out: TextIO, notices: TextIO) -> str:
         encoder = self.loaded.encoder
-        ids = encoder.encode_prompt(self.messages(user_text))
+        messages = self.messages() + new
+        prompt = ToolConversation(messages, self.tools) if self.tools else messages
+        ids = encoder.encode_prompt(prompt)
         room = self.context - len(ids)
         if room < 1:
             raise ContextFull(f"this turn does not fit: the conversation with it is {len(ids)} tokens and the model "
@@ -116,15 +146,34 @@ class ChatSession:
         if not ended:
             limit = "--max-new-tokens sets the limit" if budget == self.max_new_tokens else "the context is full"
             print(f"(reply cut at {budget} tokens, before the model ended it; {limit})", file=notices)
-        self.turns += [{"role": "user", "content": user_text}, {"role": "assistant", "content": reply}]
+        calls = self._tool_calls(reply_ids) if self.tools else None
+        if calls:
+            self.turns += [*new, {"role": "assistant", "tool_calls": calls}]
+            self.pending = list(calls)
+            names = ", ".join(f"{c['name']}({json.dumps(c['arguments'], ensure_ascii=False)})" for c in calls)
+            print(f"(tool call: {names}; give each result on its own line)", file=notices)
+        else:
+            self.turns += [*new, {"role": "assistant", "content": reply}]
         return reply
 
+    def _tool_calls(self, reply_ids: list[int]) -> list[dict] | None:
+        """The calls of a v3 tool-calling reply, with ids (made up when the model wrote none); None for text."""
+        encoder = self.loaded.encoder
+        if not reply_ids or reply_ids[0] != encoder.tool_calls:
+            return None
+        calls = parse_json_content(encoder.sp.decode(reply_ids[1:]))
+        if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("name"), str)
+                                                  and isinstance(c.get("arguments"), dict) for c in calls):
+            return None  # not a well-formed call: kept as the text it is
+        return [{"name": c["name"], "arguments": c["arguments"],
+                 "id": v3_call_id(c.get("id"), f"{len(self.turns)}.{k}")} for k, c in enumerate(calls)]
 
-def read_turn(stdin: TextIO, tty: bool) -> str | None:
-    """The next input line (with a `you>` prompt on a terminal); None at the end of input or on Ctrl-C."""
+
+def read_turn(stdin: TextIO, tty: bool, prompt: str = "you> ") -> str | None:
+    """The next input line (with `prompt` on a terminal); None at the end of input or on Ctrl-C."""
     if tty and stdin is sys.stdin:
         try:
-            return input("you> ")
+            return input(prompt)
         except (EOFError, KeyboardInterrupt):
             print()
             return None
@@ -148,7 +197,7 @@ def interactive(session: ChatSession, stdin: TextIO, out: TextIO, notices: TextI
             import readline  # noqa: F401  (line editing and recall for input())
         except ImportError:
             pass
-    while (line := read_turn(stdin, tty)) is not None:
+    while (line := read_turn(stdin, tty, "tool> " if session.pending else "you> ")) is not None:
         text = line.strip()
         if not text:
             continue
@@ -168,12 +217,29 @@ def interactive(session: ChatSession, stdin: TextIO, out: TextIO, notices: TextI
             out.write("assistant> ")
             out.flush()
         try:
-            session.reply(text, out, notices)
+            if session.pending:
+                session.tool_result(text, out, notices)
+            else:
+                session.reply(text, out, notices)
         except ContextFull as err:
             print(f"({err})", file=notices)
         except KeyboardInterrupt:
             out.write("\n")
             print("(stopped; that turn is left out of the conversation)", file=notices)
+
+
+def read_tools(path: str) -> list[dict]:
+    """The --tools file, checked as training checks a row's `tools`."""
+    try:
+        tools = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"--tools {path}: no such file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"--tools {path}: not JSON ({err}); give a JSON list of function definitions") from None
+    tools, reason = check_tools(tools)
+    if reason or not tools:
+        raise InputError(f"--tools {path}: {reason or 'no tools in the list'}")
+    return tools
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,7 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=512, help="longest reply in tokens (default 512)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampling")
     parser.add_argument("--prompt", help="answer this one message and exit (for scripts and pipes)")
+    parser.add_argument("--tools", metavar="FILE",
+                        help="JSON list of function definitions (OpenAI shape) the model may call (v3 models)")
     args = parser.parse_args(argv)
+    tools = read_tools(args.tools) if args.tools else None
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens {args.max_new_tokens}: give at least 1")
     check_number("--temperature", args.temperature, minimum=0)  # 0: greedy
@@ -196,8 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     check_loadable(args.model, args.base)
 
     notices = sys.stderr
+    if tools and encoder_of(args.model, args.base).format != "v3":
+        raise InputError(f"--tools: {args.model} speaks the v1 chat format (Mixtral 8x7B's tokenizer), which has no "
+                         "tool calls; function calling needs a v3 model (Mixtral 8x22B)")
     loaded = load_for_eval(args.model, args.base)
-    session = ChatSession(loaded, args.system, args.max_new_tokens, args.temperature)
+    session = ChatSession(loaded, args.system, args.max_new_tokens, args.temperature, tools)
     if args.prompt is not None:
         session.reply(args.prompt, sys.stdout, notices)
         return 0

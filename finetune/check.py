@@ -15,7 +15,7 @@ import sys
 
 from finetune.cli import invoked_as
 from finetune.data.cache import prepare
-from finetune.data.chat_format import encoder_for
+from finetune.data.encoders import encoder_for
 from finetune.data.preview import report
 from finetune.train.preflight import preflight
 from finetune.train.steps import recipe_from_command_line

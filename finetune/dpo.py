@@ -26,7 +26,7 @@ from transformers import set_seed
 from trl import DPOTrainer
 
 from finetune.cli import invoked_as
-from finetune.data.chat_format import encoder_for
+from finetune.data.encoders import encoder_for
 from finetune.errors import CheckFailed
 from finetune.model.lm_head import use_compact_lm_head
 from finetune.model.loading import load_base_model

@@ -34,7 +34,7 @@ from finetune.cli import invoked_as
 from finetune.errors import InputError
 from finetune.evaluation.loading import check_loadable
 from finetune.evaluation.report import comparison_rows, text_table, write_outputs
-from finetune.evaluation.run import evaluate
+from finetune.evaluation.run import check_format, evaluate
 from finetune.evaluation.suite import load_suite, suite_files
 from finetune.files.output_folder import check_output, staged
 
@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     for option, path in (("model", args.model), ("--baseline", args.baseline), ("--reference", args.reference)):
         if path is not None:
             check_loadable(path, args.base, option)
+            check_format(suite, path, args.base)
     columns, all_records = [], []
     for name, path in [("model", args.model)] + ([("baseline", args.baseline)] if args.baseline else []):
         print(f"evaluating {name} {path} on suite {suite.name}")

@@ -67,9 +67,10 @@ def export(adapters: list[str], out: str | Path, base: str | None = None, dtype:
         difference = None
         if verify:
             if prompts is None:
-                from finetune.data.chat_format import ChatEncoder, find_sentencepiece
+                from finetune.data.chat_format import find_sentencepiece
+                from finetune.data.encoders import chat_encoder
 
-                encoder = ChatEncoder(find_sentencepiece(str(folder)))
+                encoder = chat_encoder(find_sentencepiece(str(folder)))
                 prompts = [encoder.encode_prompt([{"role": "user", "content": text}]) for text in VERIFY_PROMPTS]
             difference = max_logit_difference(folder, base_dir, adapters, prompts, progress)
             if tolerance is None:

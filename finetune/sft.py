@@ -17,7 +17,7 @@ from transformers import set_seed
 from trl import SFTTrainer
 
 from finetune.cli import invoked_as
-from finetune.data.chat_format import encoder_for
+from finetune.data.encoders import encoder_for
 from finetune.model.loading import load_base_model
 from finetune.model.lora_targets import make_trainable
 from finetune.recipe.schema import Recipe

@@ -2,6 +2,7 @@
 recipes, the demo and the tests.
 
     python -m finetune.tiny runs/tiny-mixtral [--pretrain-steps 300] [--layers 2] [--experts 4] [--seed 0]
+                                            [--chat-format v3]
 
 The model itself, and what its folder holds: finetune/model/tiny.py.
 """
@@ -25,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pretrain-steps", type=int, default=300, help="0 keeps the random initialisation")
     parser.add_argument("--max-shard-size", default="2MB", help="e.g. 2MB: small shards exercise sharded loading")
+    parser.add_argument("--chat-format", choices=("v1", "v3"), default="v1",
+                        help="v1: Mixtral 8x7B's tokenizer; v3: Mixtral 8x22B's (vocabulary 32768, function calling)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty out_dir")
     args = parser.parse_args(argv)
     out = make_tiny_mixtral(
@@ -33,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         max_shard_size=args.max_shard_size,
         pretrain_steps=args.pretrain_steps,
         overwrite=args.overwrite,
+        chat_format=args.chat_format,
         layers=args.layers,
         experts=args.experts,
         hidden=args.hidden,
@@ -40,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     what = f"pretrained {args.pretrain_steps} steps" if args.pretrain_steps else "random"
+    what += f", {args.chat_format} tokenizer"
     print(f"tiny Mixtral written to {out} ({what}, {len(shards)} safetensors shards, seed {args.seed})")
     return 0
 

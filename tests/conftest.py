@@ -33,6 +33,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_v3_model_dir(tmp_path_factory) -> Path:
+    """The same tiny Mixtral with Mixtral 8x22B's v3 tokenizer (vocabulary 32768, function calling)."""
+    from finetune.model.tiny import make_tiny_mixtral
+
+    return make_tiny_mixtral(tmp_path_factory.mktemp("tiny") / "v3", seed=0, chat_format="v3")
+
+
+@pytest.fixture(scope="session")
 def four_rows(tmp_path_factory):
     """Training data whose size is the global batch: every step sees all of it, on 1 or 2 processes."""
     path = tmp_path_factory.mktemp("data") / "four.jsonl"

@@ -207,6 +207,57 @@ def random_conversation(rng: random.Random, lookalikes: bool = False, end_with_a
     return messages
 
 
+V3_LOOKALIKES = LOOKALIKES + ["[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/TOOL_RESULTS]", "[control_12]",
+                               "[REFERENCE_DOC_3]", '{"name": "x"}', "[IMG]"]
+TOOL_NAMES = ["get_weather", "convertir_devise", "buche_zug", "traducir", "cerca_libro", "sum"]
+
+
+def random_tool(rng: random.Random, name: str) -> dict:
+    properties = {f"arg{k}": {"type": rng.choice(["string", "number"]), "description": random_text(rng, False)}
+                  for k in range(rng.randint(0, 3))}
+    function = {"name": name, "description": random_text(rng, False),
+                "parameters": {"type": "object", "properties": properties, "required": sorted(properties)[:1]}}
+    if rng.random() < 0.2:
+        del function["description"]
+    return {"type": "function", "function": function}
+
+
+def random_arguments(rng: random.Random, lookalikes: bool) -> str:
+    """JSON text with the spacing a dataset might have: v3 re-dumps it with its own."""
+    value = {f"arg{k}": rng.choice([random_text(rng, lookalikes), rng.randint(-5, 500), 2.5, True, None, ["a", 1]])
+             for k in range(rng.randint(0, 3))}
+    return json.dumps(value, ensure_ascii=rng.random() < 0.5, indent=rng.choice([None, None, 2]))
+
+
+def random_tool_row(rng: random.Random, lookalikes: bool = False, end_with_assistant: bool = True) -> dict:
+    """A function-calling row in OpenAI's shape, with 9-character call ids (v3's own form): tools, an optional
+    system message, turns of user, then text or calls and their results (several per turn, any order)."""
+    tools = [random_tool(rng, name) for name in rng.sample(TOOL_NAMES, rng.randint(1, 3))]
+    messages = [{"role": "system", "content": random_text(rng, lookalikes)}] if rng.random() < 0.4 else []
+    turns = rng.randint(1, 3)
+    for t in range(turns):
+        messages.append({"role": "user", "content": random_text(rng, lookalikes)})
+        last = t == turns - 1
+        for _ in range(rng.choice([0, 1, 1, 2])):  # rounds of calls and results
+            calls = [{"id": "".join(rng.choice("abcdefXYZ0123456789") for _ in range(9)), "type": "function",
+                      "function": {"name": rng.choice(tools)["function"]["name"],
+                                   "arguments": random_arguments(rng, lookalikes)}}
+                     for _ in range(rng.randint(1, 3))]
+            messages.append({"role": "assistant", "tool_calls": calls})
+            if last and not end_with_assistant and rng.random() < 0.3:
+                return {"tools": tools, "messages": messages[:-1]}  # a prompt ending with a user turn
+            for call in rng.sample(calls, len(calls)):
+                content = rng.choice([random_text(rng, lookalikes), json.dumps({"ok": rng.randint(0, 9)}), "42"])
+                messages.append({"role": "tool", "tool_call_id": call["id"], "content": content})
+        if not last or end_with_assistant:
+            messages.append({"role": "assistant", "content": random_text(rng, lookalikes)})
+    if end_with_assistant and rng.random() < 0.3:  # end on a call: what the model learns to emit
+        messages.append({"role": "user", "content": random_text(rng, lookalikes)})
+        messages.append({"role": "assistant", "tool_calls": [{"id": "abc123XYZ", "type": "function", "function": {
+            "name": tools[0]["function"]["name"], "arguments": random_arguments(rng, lookalikes)}}]})
+    return {"tools": tools, "messages": messages}
+
+
 def refused_here(capsys, argv: list[str], names: str, code: int = 2) -> str:
     """`finetune ARGV` run in this process ended with exactly one `error:` line containing `names`, exit `code`
     and no traceback (any other exception would fail the test with its traceback)."""

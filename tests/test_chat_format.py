@@ -7,7 +7,7 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from finetune.data.chat_format import IGNORE_INDEX, bundled_sentencepiece_path, save_tokenizer
+from finetune.data.chat_format import IGNORE_INDEX, ChatEncoder, bundled_sentencepiece_path, save_tokenizer
 from helpers import random_conversation
 
 N = 300
@@ -29,7 +29,7 @@ def hf_tokenizer(tmp_path_factory):
     from transformers import AutoTokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
-    save_tokenizer(bundled_sentencepiece_path(), out)
+    save_tokenizer(ChatEncoder(bundled_sentencepiece_path()), out)
     return AutoTokenizer.from_pretrained(out)
 
 

@@ -217,3 +217,50 @@ def test_32k_recipe_header_states_what_the_plan_says(repo_root, capsys, monkeypa
     assert row(half, "LM head") < row(out, "LM head") < 2 * row(half, "LM head")  # the tile stays, rows grow
     split = plan_output(["recipes/sft_32k.yaml", "--gpus", "8", "--gpu-memory", "80", "sequence_parallel=2"], capsys)
     assert row(split, "activations") == pytest.approx(row(half, "activations"), rel=1e-6)  # half a row per GPU
+
+
+def test_mixtral_8x22b_recipe_figures_are_checked_against_its_config(repo_root, capsys, monkeypatch):
+    """The 8x22B plan the README and the recipe header state: 141B parameters counted from the config by hand,
+    and the ZeRO-3 figures on 8 x 80 GiB."""
+    monkeypatch.chdir(repo_root)
+    hidden, inter, experts, layers, vocab, kv, r = 6144, 16384, 8, 56, 32768, 8 * 128, 16
+    attention = 2 * hidden * hidden + 2 * hidden * kv
+    per_layer = attention + experts * 3 * hidden * inter + experts * hidden + 2 * hidden
+    total = layers * per_layer + 2 * vocab * hidden + hidden
+    assert total == 140_630_071_296  # the "141B"
+    active = layers * (attention + 2 * 3 * hidden * inter) + 2 * vocab * hidden
+    assert active == pytest.approx(39.15e9, rel=1e-3)  # the "39B"
+    out = plan_output(["recipes/sft_8x22b.yaml", "--gpus", "8", "--gpu-memory", "80"], capsys)
+    lora = layers * (r * ((hidden + hidden) + 2 * (hidden + kv) + (hidden + hidden))
+                     + experts * r * ((hidden + 2 * inter) + (inter + hidden)))
+    trainable = lora + layers * experts * hidden  # the routers train in full
+    assert f"{(total - layers * experts * hidden) / 1e9:.3f} B frozen" in out
+    assert f"({trainable:,} params, sharded /8)" in out
+    assert row(out, "weights (bf16, sharded /8)") == pytest.approx((total + lora) * 2 / 8 / GIB, abs=0.006)
+    assert row(out, "trained:") == pytest.approx(trainable * 16 / 8 / GIB, abs=0.006)
+    header = (repo_root / "recipes/sft_8x22b.yaml").read_text().replace("\n# ", " ")
+    readme = (repo_root / "README.md").read_text()
+    used = re.search(r"of 80 GiB per GPU: fits \(([0-9]+)% used\)", out).group(1)
+    assert f"says: {row(out, 'total'):.1f} GiB per GPU" in header and f"8 x 80 GB GPUs ({used}% used)" in header
+    assert f"| **total** | **{row(out, 'total'):.2f} ({used}%)** |" in readme
+
+
+@pytest.mark.slow
+def test_mixtral_8x22b_recipe_headers_state_the_other_setups(repo_root, capsys, monkeypatch):
+    """DPO, 64k tokens with and without sequence parallelism, 4 bits on one GPU: as the 8x22B headers state."""
+    monkeypatch.chdir(repo_root)
+    header = (repo_root / "recipes/sft_8x22b.yaml").read_text().replace("\n# ", " ")
+    dpo = plan_output(["recipes/dpo_8x22b.yaml", "--gpus", "8", "--gpu-memory", "80"], capsys)
+    assert f"says: {row(dpo, 'total'):.1f} GiB per GPU" in (repo_root / "recipes/dpo_8x22b.yaml").read_text()
+    long = plan_output(["recipes/sft_8x22b.yaml", "--gpus", "8", "--gpu-memory", "80", "data.max_length=65536"], capsys)
+    assert "DOES NOT FIT" in long and f"needs {row(long, 'total'):.1f} GiB and does not" in header
+    split = plan_output(["recipes/sft_8x22b.yaml", "--gpus", "8", "--gpu-memory", "80", "data.max_length=65536",
+                         "sequence_parallel=2"], capsys)
+    split_used = re.search(r"fits \(([0-9]+)% used\)", split).group(1)
+    assert f"it fits at {row(split, 'total'):.1f} GiB ({split_used}%)" in header
+    four_bit = plan_output(["recipes/sft_qlora.yaml", "model=mistralai/Mixtral-8x22B-v0.1", "--gpus", "1",
+                            "--gpu-memory", "141"], capsys)
+    four_used = re.search(r"fits \(([0-9]+)% used\)", four_bit).group(1)
+    assert f"one process): {row(four_bit, 'total'):.1f} GiB, so one 141 GB H200 ({four_used}%)" in header
+    assert "DOES NOT FIT" in plan_output(["recipes/sft_qlora.yaml", "model=mistralai/Mixtral-8x22B-v0.1", "--gpus",
+                                          "1", "--gpu-memory", "80"], capsys)

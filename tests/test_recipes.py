@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted(
     p.relative_to(ROOT).as_posix() for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.parts
 )
-LOCAL_DATA = {"sft": "data/chat", "dpo": "data/preferences"}
+LOCAL_DATA = {("sft", "v1"): "data/chat", ("dpo", "v1"): "data/preferences",
+              ("sft", "v3"): "data/tools", ("dpo", "v3"): "data/tool_preferences"}
+"""The bundled data each recipe is built on: function-calling rows for the v3 (Mixtral 8x22B) recipes."""
 
 
 def test_every_dpo_recipe_has_its_sft_recipe_and_every_launch_config_exists():
@@ -33,18 +35,22 @@ def test_every_dpo_recipe_has_its_sft_recipe_and_every_launch_config_exists():
 
 
 @pytest.mark.parametrize("path", RECIPES)
-def test_recipe_parses_and_builds(path, tiny_model_dir, tmp_path, repo_root, monkeypatch):
+def test_recipe_parses_and_builds(path, request, tmp_path, repo_root, monkeypatch):
     monkeypatch.chdir(repo_root)
     monkeypatch.setenv("WANDB_MODE", "offline")  # the GPU recipes report to wandb; no network here
     recipe = load_recipe(path)
     trainer_args(recipe)  # TRL accepts the train section as written
     kind = recipe.kind
+    v3 = recipe.chat_format == "v3"
+    tiny_model_dir = request.getfixturevalue("tiny_v3_model_dir" if v3 else "tiny_model_dir")
+    data, sft_data = LOCAL_DATA[kind, "v3" if v3 else "v1"], LOCAL_DATA["sft", "v3" if v3 else "v1"]
+    max_length = 512 if v3 else 256  # the bundled tools' JSON alone is about 300 tokens
     # Same recipe, on the tiny model and the bundled data (Hub datasets cannot be reached here).
     overrides = tiny_overrides(tiny_model_dir, tmp_path / "out", max_steps=1, per_device_train_batch_size=2,
                                gradient_accumulation_steps=1)
     overrides += [
-        f"data.train=[{{path: {LOCAL_DATA[kind]}/eval.jsonl}}]", "data.eval=[]", "data.eval_fraction=0",
-        "data.max_length=256", "train.report_to=none",
+        f"data.train=[{{path: {data}/eval.jsonl}}]", "data.eval=[]", "data.eval_fraction=0",
+        f"data.max_length={max_length}", "train.report_to=none",
     ]
     if kind == "dpo":
         from finetune.sft import main as sft_main
@@ -52,8 +58,8 @@ def test_recipe_parses_and_builds(path, tiny_model_dir, tmp_path, repo_root, mon
         sft_dir = tmp_path / "sft"
         sft_recipe = path.replace("dpo", "sft")
         sft_overrides = tiny_overrides(tiny_model_dir, sft_dir, max_steps=1)
-        sft_overrides += [f"data.train=[{{path: {LOCAL_DATA['sft']}/eval.jsonl}}]", "data.eval=[]", "data.eval_fraction=0",
-                          "train.report_to=none"]
+        sft_overrides += [f"data.train=[{{path: {sft_data}/eval.jsonl}}]", "data.eval=[]", "data.eval_fraction=0",
+                          f"data.max_length={max_length}", "train.report_to=none"]
         assert sft_main([sft_recipe, *sft_overrides]) == 0
         overrides.append(f"dpo.sft_adapter={sft_dir}")
         from finetune.dpo import build

@@ -130,6 +130,7 @@ def cache_key(data: DataSection, kind: str, encoder: ChatEncoder) -> tuple[str, 
         "files": [source_identity(s) for s in data.train + data.eval],
         "tokenizer_sha256": hashlib.sha256(encoder.path.read_bytes()).hexdigest(),
         "encoder_version": ENCODER_VERSION,
+        "chat_format": encoder.format,
     }
     digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:20]
     return f"{kind}-{digest}", described

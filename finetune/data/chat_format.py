@@ -28,10 +28,12 @@ from functools import cached_property
 from pathlib import Path
 
 from finetune.files.hub_ids import is_hub_id
-from finetune.recipe.schema import Recipe, RecipeError
 
 IGNORE_INDEX = -100
 SP_FILENAME = "tokenizer.model"
+SP_FILENAMES = (SP_FILENAME, "tokenizer.model.v3")
+"""Looked for in a model folder, in this order: Mixtral 8x22B's repositories may carry the v3 file under its
+`mistral_common` name."""
 
 # Mixtral-Instruct v1 chat template for transformers. Mirrors ChatEncoder: the tokenizer gives every
 # segment between special tokens SentencePiece's dummy-prefix space, as mistral_common does.
@@ -55,15 +57,21 @@ CHAT_TEMPLATE = (
 )
 
 
-def bundled_sentencepiece_path() -> Path:
-    """The Mixtral-8x7B / Mistral-7B v1 tokenizer shipped inside the `mistral-common` package."""
+BUNDLED_FILES = {"v1": "tokenizer.model.v1", "v3": "mistral_instruct_tokenizer_240323.model.v3"}
+"""The tokenizers shipped inside the `mistral-common` package: v1 is Mixtral 8x7B's (32000 pieces), v3 Mixtral
+8x22B's (32768 pieces, with control tokens for [INST] and function calling)."""
+
+
+def bundled_sentencepiece_path(version: str = "v1") -> Path:
+    """A Mixtral tokenizer shipped inside the `mistral-common` package (BUNDLED_FILES)."""
     import mistral_common
 
-    return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    return Path(mistral_common.__file__).parent / "data" / BUNDLED_FILES[version]
 
 
-def find_sentencepiece(model: str, tokenizer: str | None = None) -> Path:
-    """The SentencePiece file to use: the recipe's tokenizer, the model folder's, else the bundled v1.
+def find_sentencepiece(model: str, tokenizer: str | None = None, fallback: str = "v1") -> Path:
+    """The SentencePiece file to use: the recipe's tokenizer, the model folder's, else the bundled one of
+    version `fallback`.
 
     For a Hub id the file is fetched from the Hub (it is part of every Mixtral repository)."""
     for candidate in (tokenizer, model):
@@ -72,8 +80,9 @@ def find_sentencepiece(model: str, tokenizer: str | None = None) -> Path:
         path = Path(candidate)
         if path.is_file():
             return path
-        if (path / SP_FILENAME).is_file():
-            return path / SP_FILENAME
+        for name in SP_FILENAMES:
+            if (path / name).is_file():
+                return path / name
     if tokenizer is None and is_hub_id(model):
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import (
@@ -86,11 +95,13 @@ def find_sentencepiece(model: str, tokenizer: str | None = None) -> Path:
             return Path(hf_hub_download(model, SP_FILENAME))
         except (GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
             # Offline or gated only: a repository without the file (another model family) stays an error.
-            warnings.warn(f"cannot fetch {SP_FILENAME} of {model} ({type(err).__name__}); using the Mixtral v1 "
-                          "tokenizer bundled with mistral-common, the same file as Mixtral 8x7B's", stacklevel=2)
+            same = {"v1": "Mixtral 8x7B's", "v3": "Mixtral 8x22B's"}[fallback]
+            warnings.warn(f"cannot fetch {SP_FILENAME} of {model} ({type(err).__name__}); using the Mixtral "
+                          f"{fallback} tokenizer bundled with mistral-common, the same file as {same} (set "
+                          "chat_format: v3 for Mixtral 8x22B)", stacklevel=2)
     if tokenizer is not None:
         raise FileNotFoundError(f"tokenizer {tokenizer!r}: no {SP_FILENAME} there")
-    return bundled_sentencepiece_path()
+    return bundled_sentencepiece_path(fallback)
 
 
 @dataclass
@@ -106,6 +117,11 @@ ENCODER_VERSION = 1
 
 class ChatEncoder:
     """Conversation -> token ids and labels, exactly as Mixtral-Instruct (mistral_common v1)."""
+
+    format = "v1"
+    chat_template = CHAT_TEMPLATE
+    context = 32768
+    """Mixtral 8x7B's context, written into the saved tokenizer's `model_max_length`."""
 
     def __init__(self, sentencepiece_path: str | os.PathLike):
         import sentencepiece
@@ -134,9 +150,11 @@ class ChatEncoder:
     def reply_ids(self, content: str) -> list[int]:
         return self.text_ids(content) + [self.eos_id]
 
-    def encode(self, messages: list[dict]) -> Sample:
+    def encode(self, messages: list[dict], tools: list[dict] | None = None) -> Sample:
         """Ids and labels for a conversation (roles already validated). Labels are the assistant
         replies and their EOS; everything else is IGNORE_INDEX."""
+        if tools or not isinstance(messages, list):
+            raise ValueError("the v1 chat format has no tool calls; they need the v3 tokenizer (Mixtral 8x22B)")
         system = None
         if messages and messages[0]["role"] == "system":
             system, messages = messages[0]["content"], messages[1:]
@@ -155,9 +173,9 @@ class ChatEncoder:
                 labels += part
         return Sample(ids, labels)
 
-    def encode_prompt(self, messages: list[dict]) -> list[int]:
+    def encode_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Ids of a prompt that ends with a user turn (what generation starts from)."""
-        return self.encode(messages).input_ids
+        return self.encode(messages, tools).input_ids
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
@@ -167,11 +185,15 @@ class ChatEncoder:
 
     @cached_property
     def hf_tokenizer(self):
-        return build_hf_tokenizer(self.path)
+        return build_hf_tokenizer(self.path, self.chat_template, self.context)
 
 
-def build_hf_tokenizer(sentencepiece_path: str | os.PathLike):
-    """A transformers tokenizer that reproduces SentencePiece, with the Mixtral-Instruct template."""
+def build_hf_tokenizer(sentencepiece_path: str | os.PathLike, chat_template: str = CHAT_TEMPLATE,
+                       model_max_length: int = 32768):
+    """A transformers tokenizer that reproduces SentencePiece, with the model's Mixtral-Instruct template.
+    Control pieces (`<s>`, `</s>`, and v3's `[INST]`, `[TOOL_CALLS]`, ...) are special tokens; SentencePiece's
+    user-defined pieces (v3's `[REFERENCE_DOC_n]`), which it matches inside text, are added tokens matched on
+    the normalized text, as SentencePiece does."""
     from sentencepiece import sentencepiece_model_pb2
     from tokenizers import (
         AddedToken,
@@ -200,7 +222,10 @@ def build_hf_tokenizer(sentencepiece_path: str | os.PathLike):
     backend.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (unk, bos, eos)])
+    control = [p.piece for p in proto.pieces if p.type in (p.UNKNOWN, p.CONTROL)]
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+    backend.add_tokens([AddedToken(p.piece, special=False, normalized=True) for p in proto.pieces
+                        if p.type == p.USER_DEFINED])
     backend.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
     )
@@ -212,17 +237,18 @@ def build_hf_tokenizer(sentencepiece_path: str | os.PathLike):
         pad_token=unk,
         padding_side="right",
         clean_up_tokenization_spaces=False,
-        model_max_length=32768,
+        model_max_length=model_max_length,
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template
     return tokenizer
 
 
-def save_tokenizer(sentencepiece_path: str | os.PathLike, out_dir: str | os.PathLike) -> None:
-    """Write tokenizer.json (+ config, chat template) and the SentencePiece file into out_dir."""
+def save_tokenizer(encoder: ChatEncoder, out_dir: str | os.PathLike) -> None:
+    """Write tokenizer.json (+ config, the encoder's chat template) and the SentencePiece file into out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_hf_tokenizer(sentencepiece_path)
+    sentencepiece_path = encoder.path
+    tokenizer = build_hf_tokenizer(sentencepiece_path, encoder.chat_template, encoder.context)
     tokenizer.save_pretrained(out_dir)
     config_path = out_dir / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
@@ -233,18 +259,3 @@ def save_tokenizer(sentencepiece_path: str | os.PathLike, out_dir: str | os.Path
     target = out_dir / SP_FILENAME
     if Path(sentencepiece_path).resolve() != target.resolve():
         target.write_bytes(Path(sentencepiece_path).read_bytes())
-
-
-def encoder_for(recipe: Recipe) -> ChatEncoder:
-    """The SentencePiece encoder for a recipe, checked against the model's vocabulary when known (the model
-    itself was checked before: finetune.train.preflight)."""
-    encoder = ChatEncoder(find_sentencepiece(recipe.model, recipe.tokenizer))
-    config_file = Path(recipe.model) / "config.json"
-    if config_file.is_file():
-        vocab = json.loads(config_file.read_text()).get("vocab_size")
-        if vocab is not None and vocab < encoder.vocab_size:
-            raise RecipeError(
-                f"{recipe.source}: tokenizer {encoder.path} has {encoder.vocab_size} pieces but model "
-                f"{recipe.model} has vocab_size {vocab}; set 'tokenizer' to the model's tokenizer.model"
-            )
-    return encoder

@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 from finetune.data.chat_format import ChatEncoder
 from finetune.data.groups import row_groups
+from finetune.data.tool_rows import ToolConversation, check_tool_conversation, uses_tools
 from finetune.errors import InputError
 from finetune.recipe.schema import DataSource
 
@@ -195,11 +196,20 @@ def check_messages(messages: Any, *, ends_with: str) -> str | None:
     return None
 
 
-def chat_messages(row: Any) -> tuple[list[dict] | None, str | None]:
+NO_TOOLS_IN_V1 = ("has tools or tool calls, which the v1 chat format (Mixtral 8x7B's tokenizer) cannot encode; "
+                  "function calling needs a model with the v3 tokenizer (Mixtral 8x22B)")
+
+
+def chat_messages(row: Any, chat_format: str = "v1") -> tuple[list[dict] | ToolConversation | None, str | None]:
+    """A training row's conversation: plain messages, or (v3, with tools) a ToolConversation."""
     if not isinstance(row, dict):
         return None, "row is not a JSON object"
     if "messages" not in row:
         return None, "missing field 'messages'"
+    if uses_tools(row):
+        if chat_format == "v1":
+            return None, NO_TOOLS_IN_V1
+        return check_tool_conversation(row["messages"], row.get("tools"), ends_with="assistant")
     reason = check_messages(row["messages"], ends_with="assistant")
     return (row["messages"], None) if reason is None else (None, reason)
 
@@ -232,12 +242,43 @@ def _as_reply(value: Any, prompt: list[dict], name: str) -> tuple[str | None, st
     return content, None
 
 
-def preference_parts(row: Any) -> tuple[tuple[list[dict], str, str] | None, str | None]:
+def _tool_preference_parts(row: dict) -> tuple[tuple[ToolConversation, Any, Any] | None, str | None]:
+    """A preference row with tools: the prompt as a ToolConversation, each reply its text or its calls."""
+    prompt = row["prompt"]
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    conversation, reason = check_tool_conversation(messages, row.get("tools"), ends_with="user")
+    if reason:
+        return None, f"prompt: {reason}"
+    replies = []
+    for name in ("chosen", "rejected"):
+        value = row[name]
+        if isinstance(value, list) and len(value) > len(messages) and value[: len(messages)] == messages:
+            value = value[len(messages):]
+        if isinstance(value, str):
+            value = [{"role": "assistant", "content": value}]
+        if not isinstance(value, list) or len(value) != 1 or not isinstance(value[0], dict) \
+                or value[0].get("role") != "assistant":
+            return None, f"{name} must be one assistant message after the prompt (does its prompt match 'prompt'?)"
+        whole, reason = check_tool_conversation(messages + value, row.get("tools"), ends_with="assistant")
+        if reason:
+            return None, f"{name}: {reason}"
+        last = whole.messages[-1]
+        replies.append(last.get("tool_calls") or last["content"])
+    if replies[0] == replies[1]:
+        return None, "chosen and rejected are identical"
+    return (conversation, *replies), None
+
+
+def preference_parts(row: Any, chat_format: str = "v1") -> tuple[tuple[Any, Any, Any] | None, str | None]:
+    """(prompt, chosen, rejected): the prompt's messages (a ToolConversation for v3 rows with tools), each reply
+    its text (or, with tools, its list of calls)."""
     if not isinstance(row, dict):
         return None, "row is not a JSON object"
     for key in ("prompt", "chosen", "rejected"):
         if key not in row or row[key] is None:
             return None, f"missing field '{key}'"
+    if uses_tools(row):
+        return (None, NO_TOOLS_IN_V1) if chat_format == "v1" else _tool_preference_parts(row)
     prompt, reason = _as_prompt(row["prompt"])
     if reason:
         return None, reason
@@ -257,7 +298,7 @@ def preference_parts(row: Any) -> tuple[tuple[list[dict], str, str] | None, str 
 
 
 def encode_chat_row(row: Any, encoder: ChatEncoder, max_length: int) -> tuple[dict | None, str | None]:
-    messages, reason = chat_messages(row)
+    messages, reason = chat_messages(row, encoder.format)
     if reason:
         return None, reason
     sample = encoder.encode(messages)
@@ -267,7 +308,7 @@ def encode_chat_row(row: Any, encoder: ChatEncoder, max_length: int) -> tuple[di
 
 
 def encode_preference_row(row: Any, encoder: ChatEncoder, max_length: int) -> tuple[dict | None, str | None]:
-    parts, reason = preference_parts(row)
+    parts, reason = preference_parts(row, encoder.format)
     if reason:
         return None, reason
     prompt, chosen, rejected = parts

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from finetune.data.chat_format import ChatEncoder, find_sentencepiece
+from finetune.data.encoders import chat_encoder
 from finetune.files.adapter_folder import adapter_base, check_adapter_complete, is_adapter_folder
 from finetune.model.config import ModelSourceError, model_config
 
@@ -92,10 +93,18 @@ def load_for_eval(path: str, base: str | None = None) -> LoadedModel:
             first = next(line.strip() for line in str(err).splitlines() if "size mismatch" in line)
             raise ModelSourceError(f"the adapter {path} does not fit the base {base} ({first}); give the base it was "
                                    "trained on (--base, or the one it records)") from None
-        tokenizer_home = path if (Path(path) / "tokenizer.model").is_file() else base
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placed)
-        base, tokenizer_home = None, path
+        base = None
     if not placed:
         model = model.to(device)
-    return LoadedModel(model.eval(), ChatEncoder(find_sentencepiece(tokenizer_home)), path, base)
+    return LoadedModel(model.eval(), encoder_of(path, base), path, base)
+
+
+def encoder_of(path: str, base: str | None = None) -> ChatEncoder:
+    """The chat encoder of a model folder / Hub id, or of an adapter (its own tokenizer, else its base's), in
+    the format its tokenizer speaks; no weight loads."""
+    if is_adapter_folder(path):
+        base = base or adapter_base(path)
+        return chat_encoder(find_sentencepiece(path if (Path(path) / "tokenizer.model").is_file() else base))
+    return chat_encoder(find_sentencepiece(path))

@@ -13,11 +13,17 @@ reply follows it. Rules:
     format         "integer" | "comma_list" | "single_line"
     starts_with    text                    the reply (trimmed) starts with it
     ends_with      text                    the reply (trimmed) ends with it
+    tool_call      {name, arguments}       the reply is a v3 tool call (`[TOOL_CALLS]` then a JSON list) whose
+                                           first call names that function with exactly those arguments (the
+                                           call id, which the model makes up, is not compared)
 """
 
 from __future__ import annotations
 
+import json
 import re
+
+TOOL_CALLS = "[TOOL_CALLS]"
 
 FORMATS = {
     "integer": re.compile(r"-?\d+"),
@@ -65,8 +71,29 @@ def check_rule(reply: str, rule: dict) -> bool:
         return text.startswith(str(value))
     if name == "ends_with":
         return text.endswith(str(value))
+    if name == "tool_call":
+        if not isinstance(value, dict) or not isinstance(value.get("name"), str) \
+                or not isinstance(value.get("arguments"), dict):
+            raise ValueError(f"tool_call rule needs value {{name: ..., arguments: {{...}}}}, got {value!r}")
+        return first_tool_call(text) == (value["name"], value["arguments"])
     raise ValueError(f"unknown rule {name!r} (known: case, max_words, min_words, keywords, forbidden, format, "
-                     f"starts_with, ends_with)")
+                     f"starts_with, ends_with, tool_call)")
+
+
+def first_tool_call(reply: str) -> tuple[str, dict] | None:
+    """(name, arguments) of the first call in a v3 tool-calling reply, None when the reply is not one (no
+    `[TOOL_CALLS]`, JSON that does not parse, or calls not of the form [{"name", "arguments"}, ...])."""
+    text = reply.strip()
+    if not text.startswith(TOOL_CALLS):
+        return None
+    try:
+        calls = json.loads(text[len(TOOL_CALLS):])
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(calls, list) or not calls or not isinstance(calls[0], dict):
+        return None
+    name, arguments = calls[0].get("name"), calls[0].get("arguments")
+    return (name, arguments) if isinstance(name, str) and isinstance(arguments, dict) else None
 
 
 def validate_rules(rules, where: str) -> str | None:

@@ -10,12 +10,15 @@ from collections import defaultdict
 from pathlib import Path
 
 from finetune.data.groups import row_groups
+from finetune.data.rows import read_rows
+from finetune.data.tool_rows import uses_tools
 from finetune.evaluation.groups import GroupMeans
-from finetune.evaluation.loading import LoadedModel, load_for_eval
-from finetune.evaluation.rules import check_rule, exact_match
+from finetune.evaluation.loading import LoadedModel, encoder_of, load_for_eval
+from finetune.evaluation.rules import check_rule, exact_match, first_tool_call
 from finetune.evaluation.scoring import generate_replies, heldout_loss, preference_logps
-from finetune.evaluation.suite import Suite, encoded, instruction_rows
+from finetune.evaluation.suite import Suite, SuiteError, encoded, instruction_rows
 from finetune.files.adapter_folder import adapter_base, is_adapter_folder
+from finetune.recipe.schema import DataSource
 
 
 def reference_logps(loaded: LoadedModel, samples: list[dict], suite: Suite, reference: str | None,
@@ -66,7 +69,7 @@ def preference_figures(loaded: LoadedModel, samples: list[dict], suite: Suite, r
 
 
 def generation_figures(loaded: LoadedModel, rows: list[dict], suite: Suite, progress: bool) -> tuple[dict, list[dict]]:
-    replies = generate_replies(loaded.model, loaded.encoder, [r["messages"] for r in rows], suite.batch_size,
+    replies = generate_replies(loaded.model, loaded.encoder, [r["prompt"] for r in rows], suite.batch_size,
                                suite.max_new_tokens, progress)
     records, by_rule, by_group = [], defaultdict(list), GroupMeans()
     for row, reply in zip(rows, replies):
@@ -88,9 +91,25 @@ def generation_figures(loaded: LoadedModel, rows: list[dict], suite: Suite, prog
         "rule_pass_rate": _mean(rule_results),
         "prompt_rule_pass_rate": _mean(all(r["rules_followed"]) for r in records),
         "rule_pass_rate_by_rule": {rule: _mean(v) for rule, v in sorted(by_rule.items())},
+        **tool_call_figures(rows, replies),
         "by_group": by_group.figures(size=("prompts", "exact_match")),
     }
     return figures, records
+
+
+def tool_call_figures(rows: list[dict], replies: list[str]) -> dict:
+    """For rows with a `tool_call` rule, the share of replies that are a well-formed call, that call the right
+    function, and that call it with exactly the right arguments (`tool_call_accuracy`, what the rule checks)."""
+    expected = [(next(r["value"] for r in row["rules"] if r["rule"] == "tool_call"), reply)
+                for row, reply in zip(rows, replies) if any(r["rule"] == "tool_call" for r in row["rules"])]
+    if not expected:
+        return {}
+    calls = [(value, first_tool_call(reply)) for value, reply in expected]
+    return {
+        "tool_call_well_formed": _mean(call is not None for _, call in calls),
+        "tool_call_right_function": _mean(call is not None and call[0] == value["name"] for value, call in calls),
+        "tool_call_accuracy": _mean(call == (value["name"], value["arguments"]) for value, call in calls),
+    }
 
 
 def lm_eval_figures(loaded: LoadedModel, suite: Suite) -> dict:
@@ -112,6 +131,18 @@ def lm_eval_figures(loaded: LoadedModel, suite: Suite) -> dict:
                and metric != "sample_len"}
         for task, values in output["results"].items()
     }
+
+
+def check_format(suite: Suite, path: str, base: str | None = None) -> None:
+    """A suite with tool rows and a v1 model: one error naming both before the model loads, not a bad-row report
+    per row."""
+    if encoder_of(path, base).format != "v1":
+        return
+    for data in (suite.chat, suite.preferences, suite.instructions):
+        if data and any(uses_tools(row) for _, row in read_rows(DataSource(data))):
+            raise SuiteError(f"suite {suite.name}: {data} has rows with tools, and {path} speaks the v1 chat "
+                             "format (Mixtral 8x7B's tokenizer), which has no tool calls; evaluate a v3 model "
+                             "(Mixtral 8x22B) with it, or drop those rows")
 
 
 def evaluate(path: str, suite: Suite, base: str | None = None, reference: str | None = None,

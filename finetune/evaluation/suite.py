@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.data.rows import BadRow, DataError, bad_rows_message, check_messages, encode_source, read_rows
+from finetune.data.tool_rows import check_tool_conversation, uses_tools
 from finetune.errors import InputError
 from finetune.evaluation.loading import LoadedModel
 from finetune.evaluation.rules import validate_rules
@@ -31,7 +32,8 @@ class Suite:
     preferences: str | None = None
     """Preference pairs (training format) for preference accuracy and reward margin."""
     instructions: str | None = None
-    """Prompt rows {messages (ending with a user turn), answer, rules} for generation checks."""
+    """Prompt rows {messages (ending with a user turn), answer, rules} for generation checks. Rows may carry
+    `tools` (v3 models: eval/tool_calls.jsonl, checked by the `tool_call` rule)."""
     max_length: int = 2048
     """Longest sample in tokens; longer rows are reported as bad rows, never truncated."""
     batch_size: int = 8
@@ -106,7 +108,13 @@ def instruction_rows(path: str, suite: Suite) -> list[dict]:
         if not isinstance(row, dict) or not isinstance(row.get("answer"), str) or "rules" not in row:
             bad.append(BadRow(where, "needs 'messages', 'answer' (text) and 'rules'"))
             continue
-        reason = check_messages(row.get("messages"), ends_with="user") or validate_rules(row["rules"], "rules")
+        prompt = row.get("messages")
+        if uses_tools(row):
+            conversation, reason = check_tool_conversation(prompt, row.get("tools"), ends_with="user")
+            row = {**row, "prompt": conversation}
+        else:
+            reason, row = check_messages(prompt, ends_with="user"), {**row, "prompt": prompt}
+        reason = reason or validate_rules(row["rules"], "rules")
         if reason:
             bad.append(BadRow(where, reason))
         else:

@@ -149,7 +149,11 @@ class Recipe:
     """Which pass the recipe is for; `python -m finetune.sft` refuses a `dpo` recipe and vice versa."""
     tokenizer: str | None = None
     """Folder or file holding `tokenizer.model` (SentencePiece). None: the model folder's, else the
-    Mixtral v1 tokenizer bundled with `mistral-common`."""
+    Mixtral tokenizer bundled with `mistral-common` of the `chat_format` named (v1 for `auto`)."""
+    chat_format: Literal["auto", "v1", "v3"] = "auto"
+    """The Mixtral-Instruct format conversations are encoded in. `auto` reads it from the tokenizer: v3 (Mixtral
+    8x22B, control tokens for [INST], function calling, 64k) when it has `[INST]` as a control token, else v1
+    (Mixtral 8x7B). Tool rows need v3. `v3` on a v1 tokenizer is refused (finetune/data/encoders.py)."""
     method: Literal["lora", "full"] = "lora"
     """`lora`: LoRA adapters on the `trainable` groups, base frozen. `full`: every `trainable` group's weights
     train (small models only)."""

@@ -22,7 +22,7 @@ def save_outputs(trainer, recipe: Recipe, encoder: ChatEncoder) -> None:
     out = Path(recipe.output_dir)
     trainer.save_model(str(out))  # gathers ZeRO-3 shards; writes on the main process only
     if trainer.is_world_process_zero():
-        save_tokenizer(encoder.path, out)
+        save_tokenizer(encoder, out)
         dump_yaml(recipe, out / RECIPE_FILE)
         trainer.state.save_to_json(str(out / "trainer_state.json"))
         (out / "README.md").write_text(adapter_card(recipe, trainer.state.log_history))
