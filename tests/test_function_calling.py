@@ -31,6 +31,16 @@ def test_tiny_v3_model_speaks_v3(tiny_v3_model_dir, tmp_path):
     assert "[AVAILABLE_TOOLS]" in (tiny_v3_model_dir / "chat_template.jinja").read_text()
 
 
+def test_check_says_which_format_the_recipe_trains_and_shows_the_trained_call(tiny_v3_model_dir, tmp_path, capsys):
+    from helpers import run_here
+
+    out = run_here(capsys, ["check", TOOLS_SFT, f"model={tiny_v3_model_dir}", f"output_dir={tmp_path / 'out'}",
+                            "data.train=[{path: data/tools/eval.jsonl}]", "data.eval=[]", "data.eval_fraction=0"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "format     Mixtral-Instruct v3 (Mixtral 8x22B)" in out.stdout
+    assert "[/INST]⟦[TOOL_CALLS] [{\"name\": " in out.stdout  # the call is trained, from its control token on
+
+
 def test_recipe_format_refusals_name_the_key_and_the_fix(tiny_model_dir, tmp_path):
     from finetune.data.encoders import encoder_for
     from finetune.recipe.schema import RecipeError

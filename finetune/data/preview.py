@@ -47,6 +47,10 @@ def length_stats(lengths: list[int]) -> str:
     )
 
 
+FORMATS = {"v1": "Mixtral-Instruct v1 (Mixtral 8x7B): [INST] as text, no tool calls",
+           "v3": "Mixtral-Instruct v3 (Mixtral 8x22B): [INST] and tool calls as control tokens"}
+
+
 def report(recipe: Recipe, encoder: ChatEncoder, prepared: Prepared) -> str:
     data = recipe.data
     lines = [
@@ -54,6 +58,7 @@ def report(recipe: Recipe, encoder: ChatEncoder, prepared: Prepared) -> str:
         f"model      {recipe.model}",
         f"tokenizer  {encoder.path} ({encoder.vocab_size} pieces, bos {encoder.bos_id}, eos {encoder.eos_id}, "
         f"pad {encoder.pad_id})",
+        f"format     {FORMATS[encoder.format]}",
         f"rows       {prepared.rows_read} read, {len(prepared.train)} train samples, "
         f"{len(prepared.eval) if prepared.eval is not None else 0} eval samples",
         f"data cache {prepared.folder} ({'opened' if prepared.cache_hit else 'tokenized and saved'} "
