@@ -151,6 +151,8 @@ def test_call_ids_of_other_shapes_become_v3_ids_consistently(v3, reference):
      "message 1 is a tool result with no call"),
     (lambda r: r["messages"][2].update(tool_call_id="zzz"),
      "message 2 is a tool result for call id 'zzz', which no open call has"),
+    (lambda r: (r["messages"][2].pop("tool_call_id"), r["messages"][2].update(name="capital_of")),
+     "message 2 is a tool result for 'capital_of', which no open call has"),
     (lambda r: r["messages"].pop(2), "message 2: 1 tool call(s) of message 1 have no result before it"),
     (lambda r: r["messages"].insert(1, {"role": "assistant", "content": "hm"}),
      "roles out of order: message 2 is 'assistant' after a reply"),

@@ -3,7 +3,8 @@
 Rows take the shape of public function-calling sets (OpenAI's): a `tools` list of
 `{"type": "function", "function": {"name", "description", "parameters"}}`, assistant messages with
 `tool_calls` (`{"id", "type": "function", "function": {"name", "arguments"}}`, arguments a JSON string or
-an object) and messages with role `tool` (`tool_call_id`, `content`) carrying each call's result.
+an object) and messages with role `tool` (`tool_call_id`, `content`) carrying each call's result. A result
+answers the open call with its `tool_call_id`; without one, the first open call (of its `name`, if given).
 
 What comes out (`ToolConversation`) is what `mistral_common`'s v3 tokenizer encodes:
 * tools as `{"type": "function", "function": {"name", "description", "parameters"}}`, in that key order;
@@ -167,10 +168,12 @@ def check_tool_conversation(messages: Any, tools: Any, *, ends_with: str
         elif role == "tool":
             if not pending:
                 return None, f"message {i} is a tool result with no call"
-            wanted = message.get("tool_call_id")
-            match = next((k for k, (original, _) in enumerate(pending) if wanted is None or original == wanted), None)
+            wanted, name = message.get("tool_call_id"), message.get("name")
+            match = next((k for k, (original, call) in enumerate(pending)
+                          if (original == wanted if wanted is not None else name in (None, call["name"]))), None)
             if match is None:
-                return None, f"message {i} is a tool result for call id {wanted!r}, which no open call has"
+                which = f"call id {wanted!r}" if wanted is not None else f"'{name}'"
+                return None, f"message {i} is a tool result for {which}, which no open call has"
             _, call = pending.pop(match)
             content = message.get("content")
             if isinstance(content, str):
