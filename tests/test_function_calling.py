@@ -45,7 +45,7 @@ def test_recipe_format_refusals_name_the_key_and_the_fix(tiny_model_dir, tmp_pat
     from finetune.data.encoders import encoder_for
     from finetune.recipe.schema import RecipeError
 
-    with pytest.raises(RecipeError, match=r"chat_format: .* is a v1 tokenizer .* set chat_format to auto or v1"):
+    with pytest.raises(RecipeError, match=r"chat_format: .* is not a v3 tokenizer .* set chat_format to auto or v1"):
         encoder_for(load_tiny_recipe(tmp_path, tiny_model_dir, "chat_format=v3"))
     # A v3-vocabulary model with a v1 tokenizer: every id would mean another word to it.
     folder = tmp_path / "v3-model-v1-tokenizer"

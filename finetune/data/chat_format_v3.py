@@ -80,7 +80,8 @@ class ChatEncoderV3(ChatEncoder):
         ids = {name: self.sp.piece_to_id(name) for name in V3_CONTROL}
         missing = [name for name, i in ids.items() if i == self.sp.unk_id() or not self.sp.is_control(i)]
         if missing:
-            raise ValueError(f"{self.path} is not a v3 tokenizer: it has no control token {missing[0]}")
+            raise ValueError(f"{self.path} is not a v3 tokenizer (no {missing[0]} control token); the v3 chat "
+                             "format needs Mixtral 8x22B's tokenizer")
         (self.inst, self.end_inst, self.tool_calls, self.tools_start, self.tools_end, self.results_start,
          self.results_end) = (ids[name] for name in V3_CONTROL)
 

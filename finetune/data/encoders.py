@@ -29,12 +29,9 @@ def chat_format_of(sentencepiece_path: str | Path) -> str:
 
 
 def chat_encoder(sentencepiece_path: str | Path, chat_format: str = "auto") -> ChatEncoder:
-    """The encoder for a tokenizer file: its own format (`auto`), or the one named."""
-    detected = chat_format_of(sentencepiece_path)
-    if chat_format == "v3" and detected != "v3":
-        raise ValueError(f"{sentencepiece_path} is a v1 tokenizer (no [INST] control token); the v3 chat format "
-                         "needs Mixtral 8x22B's tokenizer")
-    return ENCODERS[detected if chat_format == "auto" else chat_format](sentencepiece_path)
+    """The encoder for a tokenizer file: its own format (`auto`), or the one named (ChatEncoderV3 refuses a file
+    without v3's control tokens)."""
+    return ENCODERS[chat_format_of(sentencepiece_path) if chat_format == "auto" else chat_format](sentencepiece_path)
 
 
 def encoder_for(recipe: Recipe) -> ChatEncoder:
