@@ -1,5 +1,6 @@
 """Peak memory of `python -m finetune.export` (defaults: verification on) vs PEFT's merge_and_unload +
-save_pretrained, on the same checkpoints, at three model sizes.
+save_pretrained, on the same checkpoints, at three model sizes; and of the GGUF export of the merged folder
+(`python -m finetune.export MERGED --gguf q8_0 --out OUT`, verified).
 
     python benchmarks/export_memory.py [--layers 4 9 19] [--hidden 512] [--experts 8] [--shard-size 100MB]
 
@@ -9,7 +10,8 @@ command in a fresh process. A thread samples the process's resident memory every
 the peak during the command minus the resident memory just before it (after the imports), so the
 ratios compare what each method itself holds.
 Targets: export <= 0.30 x PEFT's on the ~0.8 GB checkpoint; the export's peak grows < 15% from the smallest
-to the largest model (it holds about a shard and a layer, whatever the depth), while PEFT's grows with it.
+to the largest model (it holds about a shard and a layer, whatever the depth), while PEFT's grows with it;
+the GGUF export's grows < 15% too (one tensor, or one expert of a stack, at a time).
 """
 
 import argparse
@@ -19,10 +21,12 @@ import tempfile
 from pathlib import Path
 
 MIB = 1024**2
-IMPORTS = "import torch, transformers, peft, safetensors, finetune.export"
+IMPORTS = "import torch, transformers, peft, safetensors, finetune.export, finetune.gguf_file.convert"
 RUNNERS = {
     # The command as a user runs it, defaults on (the layer-by-layer verification included).
     "export": "finetune.export.main([{adapter!r}, '--out', {out!r}])",
+    # The GGUF of the merged folder, as a user runs it (verification on): written from the export above.
+    "gguf": "finetune.export.main([{merged!r}, '--gguf', {gguf_type!r}, '--out', {out!r}])",
     "peft": "from peft import PeftModel; from transformers import AutoModelForCausalLM; "
     "m = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), {adapter!r}).merge_and_unload(); "
     "m.save_pretrained({out!r}, max_shard_size='100MB')",
@@ -82,9 +86,12 @@ def measure(work: Path, layers: int, args) -> dict:
     shards = sorted(base.glob("model-*.safetensors"))
     fmt = {"base": str(base), "adapter": str(adapter)}
     before, ours = peak_rss_mib(RUNNERS["export"].format(out=str(work / "ours"), **fmt))
+    _, gguf = peak_rss_mib(RUNNERS["gguf"].format(merged=str(work / "ours"), gguf_type=args.gguf_type,
+                                                  out=str(work / "gguf")))
     _, theirs = peak_rss_mib(RUNNERS["peft"].format(out=str(work / "peft"), **fmt))
     return {"layers": layers, "size": sum(s.stat().st_size for s in shards) / MIB, "shards": len(shards),
-            "largest": max(s.stat().st_size for s in shards) / MIB, "before": before, "ours": ours, "peft": theirs}
+            "largest": max(s.stat().st_size for s in shards) / MIB, "before": before, "ours": ours, "peft": theirs,
+            "gguf": gguf, "gguf_size": sum(f.stat().st_size for f in (work / "gguf").glob("*.gguf")) / MIB}
 
 
 def each_size(measure, args) -> list[dict]:
@@ -103,19 +110,22 @@ def main():
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--shard-size", default="100MB")
+    parser.add_argument("--gguf-type", default="q8_0")
     args = parser.parse_args()
     rows = each_size(measure, args)
     print(f"{rows[0]['before']:.0f} MiB resident after imports; peak resident memory added by the command:")
-    print("| layers | checkpoint (MiB) | shards (largest MiB) | export, verified (MiB) | PEFT (MiB) | export / PEFT |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print(f"| layers | checkpoint (MiB) | shards (largest MiB) | export, verified (MiB) | PEFT (MiB) | export / PEFT "
+          f"| GGUF {args.gguf_type}, verified (MiB) | GGUF file (MiB) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['layers']} | {r['size']:.0f} | {r['shards']} ({r['largest']:.0f}) | {r['ours']:.0f} | "
-              f"{r['peft']:.0f} | {r['ours'] / r['peft']:.2f} |")
+              f"{r['peft']:.0f} | {r['ours'] / r['peft']:.2f} | {r['gguf']:.0f} | {r['gguf_size']:.0f} |")
     middle = rows[len(rows) // 2]
     print(f"export / PEFT at {middle['size']:.0f} MiB: {middle['ours'] / middle['peft']:.2f}   (target <= 0.30)")
     print(f"growth from {rows[0]['size']:.0f} to {rows[-1]['size']:.0f} MiB: export "
           f"{100 * (rows[-1]['ours'] / rows[0]['ours'] - 1):+.0f}% (target < +15%), "
-          f"PEFT {100 * (rows[-1]['peft'] / rows[0]['peft'] - 1):+.0f}%")
+          f"PEFT {100 * (rows[-1]['peft'] / rows[0]['peft'] - 1):+.0f}%, "
+          f"GGUF {100 * (rows[-1]['gguf'] / rows[0]['gguf'] - 1):+.0f}% (target < +15%)")
 
 
 if __name__ == "__main__":

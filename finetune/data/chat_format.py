@@ -195,6 +195,21 @@ def build_hf_tokenizer(sentencepiece_path: str | os.PathLike, chat_template: str
     user-defined pieces (v3's `[REFERENCE_DOC_n]`), which it matches inside text, are added tokens matched on
     the normalized text, as SentencePiece does."""
     from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(sentencepiece_path).read_bytes())
+    pieces = [(piece.piece, piece.score, piece.type) for piece in proto.pieces]
+    return tokenizer_from_pieces(pieces, chat_template, model_max_length)
+
+
+UNKNOWN, CONTROL, USER_DEFINED = 2, 3, 4
+"""SentencePiece's piece types (ModelProto); GGUF's token types number them the same."""
+
+
+def tokenizer_from_pieces(pieces: list[tuple[str, float, int]], chat_template: str = CHAT_TEMPLATE,
+                          model_max_length: int = 32768):
+    """`build_hf_tokenizer` from the pieces alone: (text, score, type) in id order, as a SentencePiece file or a
+    GGUF file's tokenizer metadata holds them."""
     from tokenizers import (
         AddedToken,
         Regex,
@@ -208,13 +223,11 @@ def build_hf_tokenizer(sentencepiece_path: str | os.PathLike, chat_template: str
     from transformers import PreTrainedTokenizerFast
     from transformers.tokenization_utils_base import generate_merges
 
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(Path(sentencepiece_path).read_bytes())
-    vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
-    scores = {piece.piece: piece.score for piece in proto.pieces}
+    vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
+    scores = {piece: score for piece, score, _ in pieces}
     # SentencePiece merges the pair whose result has the highest score; rank merges the same way.
     merges = generate_merges(vocab, scores)
-    unk, bos, eos = (proto.pieces[i].piece for i in (0, 1, 2))
+    unk, bos, eos = (pieces[i][0] for i in (0, 1, 2))
     backend = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
     backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     # SentencePiece's word split with allow_whitespace_only_pieces: a run of spaces joins the word after it.
@@ -222,10 +235,10 @@ def build_hf_tokenizer(sentencepiece_path: str | os.PathLike, chat_template: str
     backend.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
-    control = [p.piece for p in proto.pieces if p.type in (p.UNKNOWN, p.CONTROL)]
+    control = [piece for piece, _, kind in pieces if kind in (UNKNOWN, CONTROL)]
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
-    backend.add_tokens([AddedToken(p.piece, special=False, normalized=True) for p in proto.pieces
-                        if p.type == p.USER_DEFINED])
+    backend.add_tokens([AddedToken(piece, special=False, normalized=True) for piece, _, kind in pieces
+                        if kind == USER_DEFINED])
     backend.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
     )

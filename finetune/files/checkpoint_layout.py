@@ -45,14 +45,17 @@ def dense_keys(checkpoint: CheckpointFiles, layer: int) -> dict[str, str]:
 
 def expert_matrices(checkpoint: CheckpointFiles, layer: int, stack: str, experts: int) -> Iterator[torch.Tensor]:
     """Each expert's matrix of `stack` ([out, in], the checkpoint's dtype), read one expert at a time."""
+    for expert in range(experts):
+        yield expert_matrix(checkpoint, layer, stack, expert)
+
+
+def expert_matrix(checkpoint: CheckpointFiles, layer: int, stack: str, expert: int) -> torch.Tensor:
+    """One expert's matrix of `stack` ([out, in]; gate_up_proj is w1's rows, then w3's), from either layout."""
     prefix = f"model.layers.{layer}."
     fused = f"{prefix}mlp.experts.{stack}"
-    for expert in range(experts):
-        if fused in checkpoint.where:
-            yield checkpoint.get(fused, expert)
-            continue
-        original = f"{prefix}block_sparse_moe.experts.{expert}."
-        if stack == "down_proj":
-            yield checkpoint.get(original + "w2.weight")
-        else:
-            yield torch.cat([checkpoint.get(original + "w1.weight"), checkpoint.get(original + "w3.weight")])
+    if fused in checkpoint.where:
+        return checkpoint.get(fused, expert)
+    original = f"{prefix}block_sparse_moe.experts.{expert}."
+    if stack == "down_proj":
+        return checkpoint.get(original + "w2.weight")
+    return torch.cat([checkpoint.get(original + "w1.weight"), checkpoint.get(original + "w3.weight")])

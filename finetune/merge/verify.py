@@ -114,9 +114,11 @@ def with_adapters(parts: dict[str, nn.Module], adapters: list[AdapterTensors]) -
     return {path: holder.get_submodule(path) for path in parts}  # PEFT changes the holder in place
 
 
-def stream_logits(checkpoint: str | Path, prompts: list[list[int]], adapters: list[str | Path] = (),
-                  progress: bool = False) -> list[torch.Tensor]:
-    """fp32 logits ([tokens, vocab]) of each prompt, computed one decoder layer at a time."""
+def stream_logits(checkpoint: str | Path | CheckpointFiles, prompts: list[list[int]], adapters: list[str | Path] = (),
+                  progress: bool = False, label: str | None = None) -> list[torch.Tensor]:
+    """fp32 logits ([tokens, vocab]) of each prompt, computed one decoder layer at a time. `checkpoint` is a
+    model folder, or anything that reads tensors as CheckpointFiles does (a GGUF file read back, say) and
+    whose `folder` holds the config."""
     from transformers import AutoConfig
     from transformers.masking_utils import (
         create_causal_mask,
@@ -128,7 +130,7 @@ def stream_logits(checkpoint: str | Path, prompts: list[list[int]], adapters: li
         MixtralRotaryEmbedding,
     )
 
-    source = CheckpointFiles(checkpoint)
+    source = CheckpointFiles(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
     config = AutoConfig.from_pretrained(str(source.folder))
     config._attn_implementation = "sdpa"  # what from_pretrained picks on CPU; the causal mask follows it
     config._experts_implementation = "eager"  # the reference per-expert loop
@@ -149,7 +151,7 @@ def stream_logits(checkpoint: str | Path, prompts: list[list[int]], adapters: li
         rotations = [rotary(h, p) for h, p in zip(hidden, positions)]
         masks = [mask_function(config=config, inputs_embeds=h, attention_mask=None, past_key_values=None,
                                position_ids=p) for h, p in zip(hidden, positions)]
-    for index in tqdm(range(config.num_hidden_layers), desc=f"checking {source.folder.name}", unit=" layer",
+    for index in tqdm(range(config.num_hidden_layers), desc=f"checking {label or source.folder.name}", unit=" layer",
                       disable=not progress, leave=False):
         layer = build(MixtralDecoderLayer, layer_state(source, index, config), config, index)
         layer = with_adapters({f"model.layers.{index}": layer}, loaded)[f"model.layers.{index}"]
