@@ -25,7 +25,8 @@ from finetune.model.tiny import make_tiny_mixtral
 from finetune.sft import main as sft_main
 from helpers import random_conversation, refused_here, tiny_overrides
 
-TYPES = ("f16", "bf16", "q8_0", "q4_0")
+TYPES = ("f16", *(pytest.param(kind, marks=pytest.mark.slow) for kind in ("bf16", "q8_0", "q4_0")))
+"""Every type the package writes; F16 in the fast tier, the others in the slow one (the fast tier's 5 minutes)."""
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +171,7 @@ def gguf_tokenizer(path):
     return tokenizer_from_pieces(list(zip(tokens, scores, types)), template), types
 
 
-@pytest.mark.parametrize("version", ["v1", "v3"])
+@pytest.mark.parametrize("version", ["v1", pytest.param("v3", marks=pytest.mark.slow)])
 def test_tokenizer_metadata_encodes_conversations_as_mistral_common(tmp_path, version, tiny_model_dir,
                                                                     tiny_v3_model_dir):
     """300 conversations (system prompts, several turns) and 50 prompts: the chat template and pieces in the
@@ -208,9 +209,17 @@ def q8_file(base, tmp_path_factory):
     return out / "out-q8_0.gguf"
 
 
-@pytest.mark.parametrize("corruption", ["scale", "one value"])
-def test_a_corrupted_q8_0_block_fails_verification(base, q8_file, tmp_path, corruption):
+@pytest.mark.parametrize("corruption,rows_at_once", [
+    ("scale", None), pytest.param("one value", None, marks=pytest.mark.slow),
+    pytest.param("one value", 64, marks=pytest.mark.slow)])
+def test_a_corrupted_q8_0_block_fails_verification(base, q8_file, tmp_path, monkeypatch, corruption, rows_at_once):
+    """The sixth block of expert 0 of a down stack (rows of 128 values: 4 blocks a row) is row 1, columns
+    32-63; the check names it, also when it checks a slice of rows at a time."""
+    from finetune.gguf_file import write
     from finetune.gguf_file.layout import plan
+
+    if rows_at_once:
+        monkeypatch.setattr(write, "ROWS_AT_ONCE", rows_at_once)  # one row per slice
 
     config = json.loads((base / "config.json").read_text())
     planned = plan(config, "q8_0")
@@ -227,8 +236,10 @@ def test_a_corrupted_q8_0_block_fails_verification(base, q8_file, tmp_path, corr
         value = np.frombuffer(bytes(data[block + 2 + 7:block + 3 + 7]), dtype=np.int8)[0]
         data[block + 2 + 7] = np.int8(-value if value else 40).tobytes()[0]
     broken.write_bytes(bytes(data))
-    with pytest.raises(GGUFCheckError, match=r"blk\.1\.ffn_down_exps\.weight expert 0 at \[\d+, \d+\]"):
+    with pytest.raises(GGUFCheckError, match=r"blk\.1\.ffn_down_exps\.weight expert 0 at \[(\d+), (\d+)\]") as caught:
         verify_gguf(broken, base, "q8_0", planned, verification_prompts(base))
+    row, column = (int(x) for x in re.search(r"at \[(\d+), (\d+)\]", str(caught.value)).groups())
+    assert row == 1 and (column == 39 if corruption == "one value" else 32 <= column < 64), (row, column)
 
 
 def test_refusals_name_the_fix(base, adapter, tmp_path, capsys, monkeypatch):

@@ -18,7 +18,8 @@ import torch
 from finetune.errors import CheckFailed
 from finetune.files.checkpoint_layout import dense_keys, expert_matrix
 from finetune.files.safetensors import CheckpointFiles
-from finetune.gguf_file.layout import DENSE, OUTSIDE, gguf_name, heads_of, unpermute_from_llama
+from finetune.gguf_file import write
+from finetune.gguf_file.layout import DENSE, OUTSIDE, STACKS, T, gguf_name, heads_of, unpermute_from_llama
 
 Q = gguf.GGMLQuantizationType
 
@@ -76,23 +77,25 @@ class GGUFCheckpoint:
         self.worst = (0.0, "")
         """(largest |error| / bound seen so far, the tensor it was in)."""
         self.where: dict[str, str] = {}
-        self._sources: dict[str, tuple] = {}
+        self._sources: dict[str, tuple[gguf.MODEL_TENSOR, ...]] = {}
+        """{checkpoint key: the GGUF tensor kinds it is read from, in row order (gate then up for gate_up)}."""
+        self._layers: dict[str, int | None] = {}
         for kind, key in OUTSIDE.items():
-            self._add(key, ("outside", gguf_name(kind), kind))
+            self._add(key, None, kind)
         for layer in range(config["num_hidden_layers"]):
             prefix = f"model.layers.{layer}."
             for kind, name in DENSE.items():
-                self._add(prefix + name, ("dense", gguf_name(kind, layer), kind))
-            self._add(prefix + "mlp.experts.gate_up_proj", ("stack", gguf_name(gguf.MODEL_TENSOR.FFN_GATE_EXP, layer),
-                                                            gguf_name(gguf.MODEL_TENSOR.FFN_UP_EXP, layer)))
-            self._add(prefix + "mlp.experts.down_proj", ("stack", gguf_name(gguf.MODEL_TENSOR.FFN_DOWN_EXP, layer)))
-        missing = sorted({n for s in self._sources.values() for n in s[1:] if isinstance(n, str)} - set(self.tensors))
+                self._add(prefix + name, layer, kind)
+            self._add(prefix + "mlp.experts.gate_up_proj", layer, T.FFN_GATE_EXP, T.FFN_UP_EXP)
+            self._add(prefix + "mlp.experts.down_proj", layer, T.FFN_DOWN_EXP)
+        missing = sorted({gguf_name(kind, self._layers[key]) for key, kinds in self._sources.items()
+                          for kind in kinds} - set(self.tensors))
         if missing:
             raise GGUFCheckError(f"{self.path}: no tensor {missing[0]} ({len(missing)} missing)")
 
-    def _add(self, key: str, source: tuple) -> None:
+    def _add(self, key: str, layer: int | None, *kinds: gguf.MODEL_TENSOR) -> None:
         self.where[key] = self.path.name
-        self._sources[key] = source
+        self._sources[key], self._layers[key] = kinds, layer
 
     def keys_under(self, prefix: str) -> list[str]:
         return [key for key in self.where if key.startswith(prefix)]
@@ -100,41 +103,44 @@ class GGUFCheckpoint:
     def get(self, key: str, index: int | None = None) -> torch.Tensor:
         if key not in self._sources:
             raise GGUFCheckError(f"{self.path}: no tensor for {key}")
-        source = self._sources[key]
-        layer = int(key.split(".")[2]) if key.startswith("model.layers.") else None
-        if source[0] == "stack":  # one expert: gate_up is the gate tensor's rows, then the up tensor's
-            parts = [dequantized(self.path, self.tensors[name], index) for name in source[1:]]
+        kinds, layer = self._sources[key], self._layers[key]
+        names = [gguf_name(kind, layer) for kind in kinds]
+        if kinds[0] in STACKS:  # one expert: gate_up is the gate tensor's rows, then the up tensor's
+            parts = [dequantized(self.path, self.tensors[name], index) for name in names]
             reference = expert_matrix(self.reference, layer, key.rsplit(".", 1)[1], index).float().numpy()
             start = 0
-            for name, part in zip(source[1:], parts):
+            for name, part in zip(names, parts):
                 self._check(name, part, reference[start:start + len(part)], f"expert {index} ")
                 start += len(part)
             return torch.from_numpy(np.concatenate(parts))
-        _, name, kind = source
-        values = dequantized(self.path, self.tensors[name])
-        heads = heads_of(kind, self.config)
+        values = dequantized(self.path, self.tensors[names[0]])
+        heads = heads_of(kinds[0], self.config)
         if heads:
             values = np.ascontiguousarray(unpermute_from_llama(values, heads))
-        if source[0] == "dense":
-            reference_key = dense_keys(self.reference, layer)[DENSE[kind]]
+        if layer is not None:
+            reference_key = dense_keys(self.reference, layer)[DENSE[kinds[0]]]
         elif key == "lm_head.weight" and self.config.get("tie_word_embeddings"):
             reference_key = "model.embed_tokens.weight"
         else:
             reference_key = key
-        self._check(name, values, self.reference.get(reference_key).float().numpy(), "")
+        self._check(names[0], values, self.reference.get(reference_key).float().numpy(), "")
         return torch.from_numpy(values)
 
     def _check(self, name: str, values: np.ndarray, reference: np.ndarray, where: str) -> None:
+        """Every value within its type's bound of the reference, a slice of rows at a time (write.ROWS_AT_ONCE)."""
         qtype = self.tensors[name].tensor_type
-        error, bound = np.abs(values - reference), error_bound(reference, qtype)
-        over = np.argwhere(~(error <= bound))  # NaN counts as over
-        if len(over):
-            at = tuple(int(i) for i in over[0])
-            raise GGUFCheckError(f"{self.path.name}: tensor {name} {where}at {list(at)} reads back as "
-                                 f"{values[at]:.6g} where the merged weight is {reference[at]:.6g}, past the "
-                                 f"{qtype.name} error bound of {bound[at]:.3g} ({len(over)} values past it); "
-                                 "the file is corrupt")
-        finite = bound > 0
-        ratio = float((error[finite] / bound[finite]).max()) if finite.any() else 0.0
-        if np.isfinite(ratio) and ratio > self.worst[0]:
-            self.worst = (ratio, name)
+        step = max(1, write.ROWS_AT_ONCE // values.shape[-1]) if values.ndim > 1 else len(values)
+        for start in range(0, len(values), step):
+            got, want = values[start:start + step], reference[start:start + step]
+            error, bound = np.abs(got - want), error_bound(want, qtype)
+            over = np.argwhere(~(error <= bound))  # NaN counts as over
+            if len(over):
+                at = tuple(int(i) for i in over[0])
+                row = (start + at[0], *at[1:])
+                raise GGUFCheckError(f"{self.path.name}: tensor {name} {where}at {list(row)} reads back as "
+                                     f"{got[at]:.6g} where the merged weight is {want[at]:.6g}, past the "
+                                     f"{qtype.name} error bound of {bound[at]:.3g}; the file is corrupt")
+            finite = bound > 0
+            ratio = float((error[finite] / bound[finite]).max()) if finite.any() else 0.0
+            if np.isfinite(ratio) and ratio > self.worst[0]:
+                self.worst = (ratio, name)

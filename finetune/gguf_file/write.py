@@ -83,12 +83,25 @@ def add_hyperparameters(writer: gguf.GGUFWriter, config: dict, requested: str, n
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
+ROWS_AT_ONCE = 1 << 22
+"""Values quantized (and checked, read.py) per slice of rows: the package's quantizers make several
+full-size temporaries, so a whole embedding (201M values in Mixtral 8x22B) at once would cost gigabytes.
+Quantization is per row, so slices give the same bytes."""
+
+
 def encoded(matrix: torch.Tensor, tensor: Planned) -> np.ndarray:
     """`matrix` (any float dtype) in the tensor's GGUF type, as the bytes the file holds."""
-    array = matrix.float().numpy()
+    array = np.ascontiguousarray(matrix.float().numpy())
     if tensor.qtype == gguf.GGMLQuantizationType.F32:
-        return np.ascontiguousarray(array).view(np.uint8)
-    return np.ascontiguousarray(gguf.quants.quantize(array, tensor.qtype)).view(np.uint8)
+        return array.view(np.uint8)
+    if array.ndim == 1:
+        return np.ascontiguousarray(gguf.quants.quantize(array, tensor.qtype)).view(np.uint8)
+    out = np.empty(gguf.quant_shape_to_byte_shape(array.shape, tensor.qtype), dtype=np.uint8)
+    step = max(1, ROWS_AT_ONCE // array.shape[-1])
+    for start in range(0, array.shape[0], step):
+        out[start:start + step] = np.ascontiguousarray(
+            gguf.quants.quantize(array[start:start + step], tensor.qtype)).view(np.uint8)
+    return out
 
 
 def tensor_bytes(checkpoint: CheckpointFiles, config: dict, tensor: Planned) -> np.ndarray:
