@@ -262,3 +262,11 @@ def refused_here(capsys, argv: list[str], names: str, code: int = 2) -> str:
     """`finetune ARGV` run in this process ended with exactly one `error:` line containing `names`, exit `code`
     and no traceback (any other exception would fail the test with its traceback)."""
     return assert_refused(run_here(capsys, argv), names, code)
+
+
+def nonzero_adapter(base, out):
+    """A non-zero SFT adapter on attention, experts and router of `base` (3 steps at a high learning rate)."""
+    from finetune.sft import main as sft_main
+
+    assert sft_main(["recipes/tiny/sft.yaml", *tiny_overrides(base, out, max_steps=3, learning_rate=0.05)]) == 0
+    return out

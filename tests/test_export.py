@@ -12,8 +12,7 @@ from finetune.export import export
 from finetune.export import main as export_cli_main
 from finetune.merge.verify import max_logit_difference, stream_logits
 from finetune.model.tiny import checkpoint_keys, make_tiny_mixtral
-from finetune.sft import main as sft_main
-from helpers import tiny_overrides
+from helpers import nonzero_adapter
 
 
 def export_main(argv):
@@ -29,9 +28,7 @@ def sharded_base(tmp_path_factory):
 @pytest.fixture(scope="module")
 def adapter(sharded_base, tmp_path_factory):
     """A non-zero adapter on attention, experts and router."""
-    out = tmp_path_factory.mktemp("adapter") / "sft"
-    assert sft_main(["recipes/tiny/sft.yaml", *tiny_overrides(sharded_base, out, max_steps=3, learning_rate=0.05)]) == 0
-    return out
+    return nonzero_adapter(sharded_base, tmp_path_factory.mktemp("adapter") / "sft")
 
 
 def tensors(folder):

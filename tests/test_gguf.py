@@ -22,8 +22,7 @@ from finetune.gguf_file.layout import permute_for_llama
 from finetune.gguf_file.read import GGUFCheckError, GGUFCheckpoint
 from finetune.gguf_file.verify import TOLERANCES, verify_gguf
 from finetune.model.tiny import make_tiny_mixtral
-from finetune.sft import main as sft_main
-from helpers import random_conversation, refused_here, tiny_overrides
+from helpers import nonzero_adapter, random_conversation, refused_here
 
 TYPES = [pytest.param(kind, marks=pytest.mark.slow) for kind in ("f16", "bf16", "q8_0", "q4_0")]
 """Every type the package writes, in the slow tier (the fast tier's 5 minutes); the fast tier keeps the
@@ -38,9 +37,7 @@ def base(tmp_path_factory):
 @pytest.fixture(scope="module")
 def adapter(base, tmp_path_factory):
     """A non-zero adapter on attention, experts and router."""
-    out = tmp_path_factory.mktemp("gguf") / "sft"
-    assert sft_main(["recipes/tiny/sft.yaml", *tiny_overrides(base, out, max_steps=3, learning_rate=0.05)]) == 0
-    return out
+    return nonzero_adapter(base, tmp_path_factory.mktemp("gguf") / "sft")
 
 
 def merged_tensors(folder):
