@@ -2,6 +2,7 @@
 their control tokens, suites and `finetune chat --tools`."""
 
 import json
+from collections import Counter
 
 import pytest
 
@@ -162,15 +163,19 @@ def test_tiny_v3_pipeline_learns_to_call_tools(tmp_path_factory):
                           f"limit={PIPELINE['eval_rows']}"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     model, baseline = metrics["model"]["generation"], metrics["baseline"]["generation"]
-    # The base, which never saw [INST], makes no call; after SFT most replies are well-formed calls, some to the
-    # right function (0.27-0.40 of 30 across transformers 5.24-5.25: near a 1-in-3 guess, so only "above the
-    # base" is asserted). Exact arguments need copying numbers and words, which this 64-wide model does not
-    # learn in the test's steps: that figure may only not fall.
+    # The base, which never saw [INST], makes no call. After SFT most replies are well-formed calls, and to the
+    # function the question wants more often than calling the commonest one every time would manage: the model
+    # reads the question. Exact arguments need numbers and words copied from it, which this 64-wide model does
+    # not learn in the test's steps (it writes the same arguments whatever it is asked): that figure may only
+    # not fall.
+    rows = [json.loads(line) for line in (repo_root() / "eval/tool_calls.jsonl").read_text().splitlines()]
+    wanted = Counter(row["rules"][0]["value"]["name"] for row in rows[: PIPELINE["eval_rows"]])
+    one_function_for_all = wanted.most_common(1)[0][1] / PIPELINE["eval_rows"]
     assert model["tool_call_well_formed"] >= 0.5 > baseline["tool_call_well_formed"], (model, baseline)
+    assert model["tool_call_right_function"] > max(0.5, one_function_for_all), (model, one_function_for_all)
     assert model["tool_call_right_function"] > baseline["tool_call_right_function"], (model, baseline)
     assert model["tool_call_accuracy"] >= baseline["tool_call_accuracy"]
     # finetune chat --tools gives the reply evaluate generated for the same question, and goes on from a result.
-    rows = [json.loads(line) for line in (repo_root() / "eval/tool_calls.jsonl").read_text().splitlines()]
     alone = {row["messages"][0]["content"] for row in rows if len(row["messages"]) == 1}  # no system, no history
     records = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     generated = next(r for r in records if r["model"] == "model" and first_tool_call(r["reply"]) is not None
@@ -180,7 +185,7 @@ def test_tiny_v3_pipeline_learns_to_call_tools(tmp_path_factory):
     chat_session_follows_a_call(sft, tools, generated)
 
 
-PIPELINE = {"pretrain": 300, "sft": 100, "dpo": 5, "eval_rows": 30}
+PIPELINE = {"pretrain": 600, "sft": 100, "dpo": 5, "eval_rows": 30}
 
 
 def repo_root():
