@@ -9,6 +9,7 @@ import pytest
 from finetune.data.chat_format import bundled_sentencepiece_path
 from finetune.data.chat_format_v3 import ChatEncoderV3
 from finetune.evaluation.rules import check_rule, first_tool_call, validate_rules
+from finetune.model.tiny import DEFAULT_PRETRAIN_STEPS
 from helpers import load_tiny_recipe, refused_here
 
 TOOLS_SFT = "recipes/tiny/sft_tools.yaml"
@@ -185,7 +186,7 @@ def test_tiny_v3_pipeline_learns_to_call_tools(tmp_path_factory):
     chat_session_follows_a_call(sft, tools, generated)
 
 
-PIPELINE = {"pretrain": 600, "sft": 100, "dpo": 5, "eval_rows": 30}
+PIPELINE = {"pretrain": DEFAULT_PRETRAIN_STEPS["v3"], "sft": 100, "dpo": 5, "eval_rows": 30}  # the shipped base
 
 
 def repo_root():
